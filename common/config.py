@@ -1,0 +1,258 @@
+"""The one config root: frozen dataclasses loaded from TOML and overridable from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("skip-join-mlfq", "mlfq", "fcfs", "rtc", "srpt-oracle")
+SWAP_MODES = ("proactive", "reactive", "recompute", "defer")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or out of range; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "default"  # "default" (built-in seeded random Llama) or a Hugging Face checkpoint directory
+    dtype: str = "float32"  # weights and activations
+    device: str = "cpu"  # "cpu" or "cuda"; stage k uses cuda:k when device is "cuda"
+    seed: int = 0  # weight seed of the built-in default model
+    max_context: int = 0  # tokens; 0 = the model's own max_position_embeddings
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype is {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"model.device is {self.device!r}; use 'cpu' or 'cuda'")
+        if self.max_context < 0:
+            raise ConfigError("model.max_context must be >= 0 (0 means the model's own limit)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    num_gpu_blocks: int = 1024  # blocks per stage in the device pool (one block = all layers of the stage)
+    num_host_blocks: int = 4096  # blocks per stage in the shared-memory host pool; 0 disables swapping
+    swap: str = "proactive"  # proactive | reactive | recompute | defer
+    headroom_blocks: int = 8  # free device blocks kept for arrivals
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"cache.block_size is {self.block_size}; use a power of two such as 16")
+        if self.num_gpu_blocks <= 0:
+            raise ConfigError("cache.num_gpu_blocks must be > 0")
+        if self.num_host_blocks < 0:
+            raise ConfigError("cache.num_host_blocks must be >= 0")
+        if self.swap not in SWAP_MODES:
+            raise ConfigError(f"cache.swap is {self.swap!r}; use one of {', '.join(SWAP_MODES)}")
+        if not 0 <= self.headroom_blocks < self.num_gpu_blocks:
+            raise ConfigError("cache.headroom_blocks must be >= 0 and below cache.num_gpu_blocks")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "skip-join-mlfq"
+    max_jobs: int = 16  # jobs per iteration
+    max_prefill_tokens: int = 2048  # prompt tokens per iteration (a longer prompt runs alone)
+    base_quantum_s: float = 0.010  # quantum of the top queue, seconds
+    quantum_ratio: float = 2.0  # quantum of level i is base * ratio**i
+    num_levels: int = 8
+    starvation_limit_s: float = 3.0  # waiting longer than this promotes a job to the top queue
+    starvation_check_s: float = 0.1  # period of the starvation check, seconds
+    demote_to: str = "front"  # "front" or "back" of the lower queue
+    profile: str = ""  # JSON from `fastserve profile`; empty = measure iterations as they run
+    max_jobs_in_system: int = 1024  # admission bound: accepted, unfinished jobs
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"scheduler.policy is {self.policy!r}; use one of {', '.join(POLICIES)}")
+        for name in ("max_jobs", "max_prefill_tokens", "num_levels", "max_jobs_in_system"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"scheduler.{name} must be > 0")
+        if self.base_quantum_s <= 0 or self.quantum_ratio < 1.0:
+            raise ConfigError("scheduler.base_quantum_s must be > 0 and scheduler.quantum_ratio >= 1")
+        if self.starvation_limit_s <= 0 or self.starvation_check_s <= 0:
+            raise ConfigError("scheduler.starvation_limit_s and starvation_check_s must be > 0")
+        if self.demote_to not in ("front", "back"):
+            raise ConfigError(f"scheduler.demote_to is {self.demote_to!r}; use 'front' or 'back'")
+        if self.profile and not Path(self.profile).is_file():
+            raise ConfigError(f"scheduler.profile {self.profile!r} is not a file; run `fastserve profile --out FILE`")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    num_stages: int = 2  # pipeline stages, one worker process each
+
+    def validate(self) -> None:
+        if self.num_stages <= 0:
+            raise ConfigError("parallel.num_stages must be > 0")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """ZeroMQ addresses. Each process binds its own inbox and connects to the others'."""
+
+    client: str = "tcp://127.0.0.1:5555"  # ingress ROUTER for clients
+    ingress: str = "tcp://127.0.0.1:5556"  # ingress inbox (events from the scheduler)
+    scheduler: str = "tcp://127.0.0.1:5557"  # scheduler inbox
+    kvcache: str = "tcp://127.0.0.1:5558"  # KV-cache manager inbox
+    control: str = ""  # launcher inbox for ready handshakes and exits; empty when run alone
+    stages: tuple[str, ...] = ()  # stage inboxes; empty = ports after kvcache on the kvcache host
+    bind_any: bool = False  # bind tcp inboxes on every interface (containers, multi-host)
+    host_pool: str = "fastserve_kv"  # name of the shared-memory host KV pool
+
+    def stage(self, k: int) -> str:
+        if self.stages:
+            return self.stages[k]
+        scheme, rest = self.kvcache.split("://", 1)
+        if scheme != "tcp":
+            return f"{self.kvcache}.stage{k}"
+        host, port = rest.rsplit(":", 1)
+        return f"tcp://{host}:{int(port) + 1 + k}"
+
+    def validate(self) -> None:
+        for name in ("client", "ingress", "scheduler", "kvcache", *(["control"] if self.control else [])):
+            addr = getattr(self, name)
+            if "://" not in addr:
+                raise ConfigError(f"endpoints.{name} is {addr!r}; use tcp://HOST:PORT or ipc://PATH")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    endpoints: Endpoints = field(default_factory=Endpoints)
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints):
+            section.validate()
+        if self.endpoints.stages and len(self.endpoints.stages) != self.parallel.num_stages:
+            raise ConfigError(
+                f"endpoints.stages lists {len(self.endpoints.stages)} addresses but parallel.num_stages is "
+                f"{self.parallel.num_stages}; list one per stage or leave it empty"
+            )
+        return self
+
+    def replace(self, **sections: Any) -> "Config":
+        """Copy with some fields changed: replace(scheduler={"policy": "fcfs"})."""
+        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
+        return dataclasses.replace(self, **changed).validate()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    where = f"{section}.{name}"
+    origin = typing.get_origin(hint)
+    if origin is tuple or hint is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings")
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be an integer, not {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, not {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hint for name, hint in hints.items()}
+
+
+def build(values: dict[str, Any]) -> Config:
+    """Config from nested plain values ({"scheduler": {"policy": "fcfs"}}), checked and validated."""
+    sections: dict[str, Any] = {}
+    for section, cls in _section_types().items():
+        given = values.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        hints = typing.get_type_hints(cls)
+        unknown = set(given) - set(hints)
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; known: {', '.join(hints)}")
+        sections[section] = cls(**{k: _coerce(section, k, hints[k], v) for k, v in given.items()})
+    unknown = set(values) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
+    return Config(**sections).validate()
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML file (or the defaults) and apply `section.key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. scheduler.policy=fcfs)")
+        values.setdefault(section, {})[name] = value.strip()
+    return build(values)
+
+
+def dumps(config: Config) -> str:
+    """TOML text of a config (for the launcher to hand one file to every child)."""
+    lines: list[str] = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+

@@ -1,0 +1,58 @@
+import pytest
+
+from common import config as cfg
+
+
+def test_defaults_validate():
+    c = cfg.load()
+    assert c.scheduler.policy == "skip-join-mlfq"
+    assert c.parallel.num_stages == 2
+
+
+def test_toml_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[scheduler]\npolicy = "fcfs"\nmax_jobs = 4\n[cache]\nblock_size = 8\n')
+    c = cfg.load(p, ["scheduler.max_jobs=7", "endpoints.bind_any=true", "endpoints.stages=tcp://a:1,tcp://b:2"])
+    assert c.scheduler.policy == "fcfs"
+    assert c.scheduler.max_jobs == 7
+    assert c.cache.block_size == 8
+    assert c.endpoints.bind_any is True
+    assert c.endpoints.stage(1) == "tcp://b:2"
+
+
+def test_roundtrip_dumps(tmp_path):
+    c = cfg.load(None, ["scheduler.policy=rtc", "parallel.num_stages=3"])
+    p = tmp_path / "c.toml"
+    p.write_text(cfg.dumps(c))
+    assert cfg.load(p) == c
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["scheduler.policy=lifo"], "scheduler.policy"),
+        (["cache.block_size=12"], "power of two"),
+        (["scheduler.max_jobs=x"], "integer"),
+        (["nope.x=1"], "unknown section"),
+        (["scheduler.nope=1"], "unknown key"),
+        (["scheduler"], "section.key=value"),
+        (["parallel.num_stages=3", "endpoints.stages=tcp://a:1"], "one per stage"),
+    ],
+)
+def test_bad_values_say_what_to_change(overrides, needle):
+    with pytest.raises(cfg.ConfigError, match=needle):
+        cfg.load(None, overrides)
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scheduler\n")
+    with pytest.raises(cfg.ConfigError, match="not valid TOML"):
+        cfg.load(bad)
+
+
+def test_default_stage_addresses():
+    e = cfg.Endpoints(kvcache="tcp://127.0.0.1:7000")
+    assert [e.stage(k) for k in range(2)] == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]
