@@ -1,0 +1,63 @@
+"""Llama-family layers (RMSNorm, RoPE, grouped-query attention, SwiGLU) for a layer range of one stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.paged_attention import AttnMeta, paged_attention, store_kv
+from workers.model.spec import ModelSpec
+from workers.model.weights import Weights
+
+
+def rope_tables(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_context, head_dim] of the default RoPE, computed in float32 as the reference does."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.arange(spec.max_context, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+class LlamaStage:
+    """Layers [lo, hi); embeddings on the first stage, final norm and LM head on the last."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, device: torch.device) -> None:
+        self.spec, self.w, self.lo, self.hi = spec, weights, lo, hi
+        dtype = next(iter(weights.values())).dtype
+        self.cos, self.sin = rope_tables(spec, device, dtype)
+        self.scale = spec.head_dim ** -0.5
+
+    def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.w["embed"])
+
+    def layer(self, i: int, h: torch.Tensor, pool: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        s, w, p = self.spec, self.w, f"layers.{i}."
+        x = rms_norm(h, w[p + "in_norm"], s.norm_eps)
+        qkv = F.linear(x, w[p + "qkv"], w.get(p + "qkv_bias"))
+        t = h.shape[0]
+        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        cos, sin = self.cos[meta.positions][:, None, :], self.sin[meta.positions][:, None, :]
+        q = _rotate(q.view(t, s.num_heads, s.head_dim), cos, sin)
+        k = _rotate(k.view(t, s.num_kv_heads, s.head_dim), cos, sin)
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        store_kv(pool, i - self.lo, k, v, meta)
+        attn = paged_attention(pool, i - self.lo, q, k, v, meta, self.scale)
+        h = h + F.linear(attn, w[p + "o"], w.get(p + "o_bias"))
+        x = rms_norm(h, w[p + "post_norm"], s.norm_eps)
+        gate, up = F.linear(x, w[p + "gate_up"], w.get(p + "gate_up_bias")).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w[p + "down"], w.get(p + "down_bias"))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.w["norm"], self.spec.norm_eps), self.w["lm_head"])
