@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated
 
+import numpy as np
+
 from common.codec import OneOf, Range, message
 
 
@@ -29,6 +31,12 @@ class MsgType(IntEnum):
     READY = 21
     EXIT = 22
     # 32..127: scheduler, KV-cache manager and stage workers
+    SCHEDULE_BATCH = 32
+    BATCH_PLANNED = 33
+    STAGE_BATCH = 34
+    BATCH_RESULT = 35
+    SWAP_DONE = 36
+    KV_CHANGED = 37
 
 
 FINISH_REASONS = ("", "stop", "length", "cancelled", "error")  # "" while the job runs
@@ -106,3 +114,115 @@ class Exit:
     role: str  # as in Ready
     stage: int  # stage index for workers, -1 otherwise
     code: int  # exit status; 0 = clean stop
+
+
+# --- scheduler -> KV-cache manager -> stage 0 -> ... -> last stage -> scheduler -------------------------
+
+
+@dataclass(frozen=True)
+class JobSampling:
+    """How the last stage samples one job's next token."""
+
+    temperature: Annotated[float, Range(0.0)]  # 0 = greedy
+    top_k: Annotated[int, Range(0)]  # 0 = no top-k cut
+    top_p: Annotated[float, Range(0.0, 1.0)]  # nucleus mass; 1.0 = no cut
+    seed: int | None  # per-job seed; None = unseeded
+    step: Annotated[int, Range(0)]  # index of the output token this iteration produces
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One job of an iteration."""
+
+    job_id: JobId
+    num_new_tokens: Annotated[int, Range(1)]  # tokens this iteration computes (prompt, 1, or a recompute)
+    context_len: Annotated[int, Range(0)]  # tokens already in the KV cache = position of the first new token
+    sampling: JobSampling
+
+
+@message(MsgType.SCHEDULE_BATCH)
+@dataclass(frozen=True)
+class ScheduleBatch:
+    """Scheduler -> KV-cache manager: the batch the policy picked, plus what the KV manager must know.
+
+    A message with no jobs still carries frees and the run order (housekeeping when nothing runs).
+    """
+
+    batch_id: Annotated[int, Range(0)]  # scheduler-assigned, increasing
+    jobs: list[BatchJob]  # in priority order
+    input_ids: np.ndarray  # [sum(num_new_tokens)] int64, the jobs' new tokens concatenated in job order
+    freed_job_ids: list[int]  # jobs that ended (finished, cancelled, failed) and are in no batch: free their KV
+    run_order: list[int]  # live job ids, soonest expected to run first (drives offload/upload)
+    in_flight_job_ids: list[int]  # jobs in batches still in the pipeline: never offloaded or dropped
+
+
+@message(MsgType.BATCH_PLANNED)
+@dataclass(frozen=True)
+class BatchPlanned:
+    """KV-cache manager -> scheduler: which picked jobs the batch left out, sent before it runs."""
+
+    batch_id: Annotated[int, Range(0)]
+    held_job_ids: list[int]  # not run this iteration (no room, or KV moving); they may be picked again
+    dropped_job_ids: list[int]  # KV discarded (recompute mode): the next run redoes prompt + generated tokens
+    free_blocks: Annotated[int, Range(0)]  # device blocks free after this plan
+
+
+@dataclass(frozen=True)
+class SwapOp:
+    """A block copy of one job between the device pool and the host pool of every stage."""
+
+    op_id: Annotated[int, Range(0)]  # KV-manager-assigned; acknowledged by each stage in SwapDone
+    job_id: JobId
+    direction: Annotated[str, OneOf(("out", "in"))]  # out: device -> host; in: host -> device
+    src_blocks: list[int]  # block ids in the source pool
+    dst_blocks: list[int]  # block ids in the destination pool, same length
+
+
+@message(MsgType.STAGE_BATCH)
+@dataclass(frozen=True)
+class StageBatch:
+    """KV-cache manager -> stage 0 -> ... -> last stage: swaps, then the compute of one iteration.
+
+    Swaps ride in the same ordered stream as compute, so every stage sees a swap-out of a job after that
+    job's last batch and a swap-in before the batch that needs it. A batch with no jobs carries swaps only.
+    """
+
+    batch_id: Annotated[int, Range(0)]
+    jobs: list[BatchJob]  # the jobs that run, in order
+    block_tables: list[list[int]]  # per job, device block ids covering context + new tokens
+    swap_out: list[SwapOp]  # run first, in order
+    swap_in: list[SwapOp]  # run after swap_out; compute waits for the uploads of jobs it runs
+    input_ids: np.ndarray | None  # [T] int64 on the way to stage 0, else None; T = sum(num_new_tokens)
+    hidden: np.ndarray | None  # [T, hidden] activations between stages, else None
+    compute_s: Annotated[float, Range(0.0)]  # compute seconds of the stages so far
+
+
+@message(MsgType.BATCH_RESULT)
+@dataclass(frozen=True)
+class BatchResult:
+    """Last stage -> scheduler: the sampled tokens of one iteration (empty for a swaps-only batch)."""
+
+    batch_id: Annotated[int, Range(0)]
+    job_ids: list[int]  # the jobs that ran, in order
+    token_ids: list[int]  # one sampled token per job
+    compute_s: Annotated[float, Range(0.0)]  # compute seconds summed over all stages
+    error: str  # "" on success; a failure of the stage loop on this batch otherwise (jobs then fail)
+
+
+@message(MsgType.SWAP_DONE)
+@dataclass(frozen=True)
+class SwapDone:
+    """Stage worker -> KV-cache manager: these copy ops have completed on this stage."""
+
+    stage: Annotated[int, Range(0)]
+    op_ids: list[int]
+    copy_s: Annotated[float, Range(0.0)]  # seconds the copies took on this stage
+    overlap_s: Annotated[float, Range(0.0)]  # part of copy_s that overlapped compute
+
+
+@message(MsgType.KV_CHANGED)
+@dataclass(frozen=True)
+class KVChanged:
+    """KV-cache manager -> scheduler: memory changed outside a batch (a copy acked), held jobs may retry."""
+
+    free_blocks: Annotated[int, Range(0)]  # device blocks free now
