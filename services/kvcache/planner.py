@@ -1,0 +1,269 @@
+"""Per-iteration KV plan: which picked jobs run, with which blocks, and which copies or drops happen.
+
+Design note: the planner only decides; copies run in the stage workers and come back as acks. A block
+whose copy is in flight is never handed out again before its ack, and a job whose blocks are moving is
+never in a batch (the one exception, `reactive`, is the baseline that makes compute wait for the copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.kvcache.books import JobId, KVBooks, Residency, SwapOp
+
+MODES = ("proactive", "reactive", "recompute", "defer")
+_UNRANKED = float("inf")  # jobs missing from the run order count as running last
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The answer for one iteration."""
+
+    block_tables: Mapping[JobId, tuple[int, ...]]  # jobs that run now, in batch order -> device block ids
+    held: tuple[JobId, ...] = ()  # picked jobs that skip this iteration
+    swap_out: tuple[SwapOp, ...] = ()  # device -> host, ordered before swap_in and the compute
+    swap_in: tuple[SwapOp, ...] = ()  # host -> device
+    dropped: tuple[JobId, ...] = ()  # KV discarded: redo prefill over prompt + generated tokens when resumed
+
+    @property
+    def run(self) -> tuple[JobId, ...]:
+        return tuple(self.block_tables)
+
+
+@dataclass
+class _Step:
+    """Scratch state of one plan() call."""
+
+    batch: dict[JobId, int]
+    order: list[JobId]  # run order without duplicates
+    rank: dict[JobId, int]
+    protected: set[JobId]  # in this batch or in a batch in flight: never offloaded or dropped
+    tables: dict[JobId, tuple[int, ...]] = field(default_factory=dict)
+    held: list[JobId] = field(default_factory=list)
+    short: int = 0  # device blocks that picked jobs lacked for their new tokens
+    waiting: int = 0  # device blocks that picked jobs sitting in the host pool need to come back
+    swap_out: list[SwapOp] = field(default_factory=list)
+    swap_in: list[SwapOp] = field(default_factory=list)
+    dropped: list[JobId] = field(default_factory=list)
+
+    def plan(self) -> Plan:
+        return Plan(dict(self.tables), tuple(self.held), tuple(self.swap_out), tuple(self.swap_in), tuple(self.dropped))
+
+
+class Planner:
+    """Swap policy over KVBooks; clock-free, so the simulator drives it with modelled time."""
+
+    def __init__(self, books: KVBooks, mode: str = "proactive", headroom_blocks: int = 8, max_jobs: int = 16) -> None:
+        if mode not in MODES:
+            raise ValueError(f"swap mode is {mode!r}; use one of {', '.join(MODES)}")
+        if not 0 <= headroom_blocks < max(1, books.device.num_blocks):
+            raise ValueError(f"headroom_blocks must be >= 0 and below the {books.device.num_blocks} device blocks")
+        if max_jobs <= 0:
+            raise ValueError(f"max_jobs must be > 0, not {max_jobs}")
+        self.books = books
+        self.mode = mode
+        self.headroom = headroom_blocks
+        self.max_jobs = max_jobs
+        self._counts = dict(iterations=0, held=0, offload_iterations=0, upload_iterations=0)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Planner":
+        """Planner over fresh books sized by a common.config.Config."""
+        cache = config.cache
+        books = KVBooks(cache.num_gpu_blocks, cache.num_host_blocks, cache.block_size, config.parallel.num_stages)
+        return cls(books, cache.swap, cache.headroom_blocks, config.scheduler.max_jobs)
+
+    # ---- the iteration -------------------------------------------------------------------------
+    def plan(
+        self,
+        batch: Mapping[JobId, int] | Iterable[tuple[JobId, int]],
+        run_order: Sequence[JobId] = (),
+        in_flight: Collection[JobId] = (),
+    ) -> Plan:
+        """batch: picked jobs -> tokens each holds after this step; run_order: live jobs, soonest first;
+        in_flight: jobs in batches not yet back from the last stage."""
+        step = self._step(batch, run_order, in_flight)
+        {"proactive": self._proactive, "reactive": self._reactive, "recompute": self._recompute, "defer": self._defer}[
+            self.mode
+        ](step)
+        self._counts["iterations"] += 1
+        self._counts["held"] += len(step.held)
+        self._counts["offload_iterations"] += bool(step.swap_out)
+        self._counts["upload_iterations"] += bool(step.swap_in)
+        return step.plan()
+
+    def _proactive(self, step: _Step) -> None:
+        books = self.books
+        for job, tokens in step.batch.items():
+            state = books.state(job)
+            if state in (None, Residency.DROPPED, Residency.DEVICE):
+                self._grow_or_hold(step, job, tokens)
+            else:  # its blocks are moving, or it waits in the host pool for an upload
+                step.held.append(job)
+                if state in (Residency.HOST, Residency.SWAPPING_OUT):
+                    step.waiting += books.blocks_for(tokens)
+        available = books.device.num_free + books.releasing
+        soft = step.short + step.waiting + self.headroom - available  # what headroom wants back
+        hard = step.short + step.waiting - available  # what the picked jobs need even without headroom
+        window = self._window(step)
+        if soft > 0:
+            self._offload(step, soft, exclude=set(window))
+        if hard > 0:
+            self._offload(step, hard - sum(len(op.pairs) for op in step.swap_out), exclude=set())
+        if not step.swap_out:  # never upload in an iteration that offloads: that is how ping-pong starts
+            self._upload(step, window)
+
+    def _reactive(self, step: _Step) -> None:
+        books = self.books
+        for job, tokens in step.batch.items():
+            state = books.state(job)
+            if state is Residency.HOST:
+                op = books.swap_in(job, tokens)
+                if op is None:
+                    step.held.append(job)
+                    step.short += books.blocks_for(tokens)
+                else:  # runs now; the worker makes its compute wait for this copy
+                    step.swap_in.append(op)
+                    step.tables[job] = books.block_table(job)
+            elif state is Residency.SWAPPING_OUT:
+                step.held.append(job)
+            else:
+                self._grow_or_hold(step, job, tokens)
+        if step.short > books.releasing:
+            self._offload(step, step.short - books.releasing, exclude=set())
+
+    def _recompute(self, step: _Step) -> None:
+        books = self.books
+        victims = self._victims(step, exclude=set())
+        for job, tokens in step.batch.items():
+            if books.state(job) not in (None, Residency.DROPPED, Residency.DEVICE):
+                step.held.append(job)  # a host-side job cannot arise without swaps; never run it from here
+                continue
+            need = books.extra_blocks(job, tokens)
+            reclaimable = sum(len(books.get(v).device) for v in victims)
+            while books.device.num_free < need <= books.device.num_free + reclaimable:
+                victim = victims.pop(0)
+                reclaimable -= len(books.get(victim).device)
+                books.drop(victim)
+                step.dropped.append(victim)
+            self._grow_or_hold(step, job, tokens)
+
+    def _defer(self, step: _Step) -> None:
+        books = self.books
+        for job, tokens in step.batch.items():
+            state = books.state(job)
+            if state is Residency.DEVICE:
+                self._grow_or_hold(step, job, tokens)
+            elif state in (None, Residency.DROPPED):
+                # A new job starts only while headroom stays free, so the running jobs keep room to grow.
+                if books.device.num_used and books.device.num_free - books.blocks_for(tokens) < self.headroom:
+                    step.held.append(job)
+                else:
+                    self._grow_or_hold(step, job, tokens)
+            else:
+                step.held.append(job)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _grow_or_hold(self, step: _Step, job: JobId, tokens: int) -> None:
+        need = self.books.extra_blocks(job, tokens)
+        if self.books.grow(job, tokens):
+            step.tables[job] = self.books.block_table(job)
+        else:
+            step.held.append(job)
+            step.short += need
+
+    def _window(self, step: _Step) -> list[JobId]:
+        """The jobs predicted to make up the next batch: every picked job, then the run order."""
+        window = dict.fromkeys(step.batch)
+        for job in step.order:
+            if len(window) >= self.max_jobs:
+                break
+            if job not in step.protected:  # jobs in flight cannot be in the next batch
+                window[job] = None
+        return list(window)
+
+    def _victims(self, step: _Step, exclude: set[JobId]) -> list[JobId]:
+        """Device-resident jobs that may leave, the one predicted to run last first."""
+        jobs = [
+            e.job_id
+            for e in self.books.jobs()
+            if e.state is Residency.DEVICE and e.job_id not in step.protected and e.job_id not in exclude
+        ]
+        return sorted(jobs, key=lambda j: step.rank.get(j, _UNRANKED), reverse=True)
+
+    def _offload(self, step: _Step, blocks: int, exclude: set[JobId]) -> None:
+        for job in self._victims(step, exclude):
+            if blocks <= 0:
+                return
+            op = self.books.swap_out(job)
+            if op is not None:
+                step.swap_out.append(op)
+                blocks -= len(op.pairs)
+
+    def _upload(self, step: _Step, window: list[JobId]) -> None:
+        # Picked jobs may use the headroom (they are needed now, like arrivals); predicted ones may not.
+        free = self.books.device.num_free - step.short
+        for job in window:
+            entry = self.books.get(job)
+            if entry is None or entry.state is not Residency.HOST:
+                continue
+            tokens = step.batch.get(job, 0)
+            need = max(len(entry.host), self.books.blocks_for(tokens))
+            if need > free - (0 if job in step.batch else self.headroom):
+                return  # keep the order: a later job must not take the room the sooner one waits for
+            op = self.books.swap_in(job, tokens)
+            if op is None:
+                return
+            step.swap_in.append(op)
+            free -= need
+
+    def _step(self, batch: Any, run_order: Sequence[JobId], in_flight: Collection[JobId]) -> _Step:
+        picked = dict(batch.items() if isinstance(batch, Mapping) else batch)
+        flying = set(in_flight)
+        for job, tokens in picked.items():
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+                raise ValueError(f"job {job!r}: tokens after the step must be an integer > 0, not {tokens!r}")
+            if job in flying:
+                raise ValueError(f"job {job!r} is already in a batch in flight; batches in flight must be disjoint")
+            if not self.can_ever_fit(tokens):
+                raise ValueError(
+                    f"job {job!r} needs {self.books.blocks_for(tokens)} blocks but the device pool has "
+                    f"{self.books.device.num_blocks}; reject such jobs at admission (can_ever_fit)"
+                )
+        rank: dict[JobId, int] = {}
+        for i, job in enumerate(run_order):
+            rank.setdefault(job, i)
+        return _Step(picked, list(rank), rank, set(picked) | flying)
+
+    # ---- the rest of the API -------------------------------------------------------------------
+    def ack(self, op_id: int, stage: int = 0) -> bool:
+        """A stage finished its part of copy op_id; True once every stage has."""
+        return self.books.ack(op_id, stage)
+
+    def free(self, job_id: JobId) -> bool:
+        """The job finished, was cancelled or failed (and is in no batch in flight); False if unknown."""
+        return self.books.free(job_id)
+
+    def device_lost(self) -> tuple[JobId, ...]:
+        """A worker restarted with an empty device pool; returns the jobs that must redo prefill."""
+        return self.books.device_lost()
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return 0 < self.books.blocks_for(num_tokens) <= self.books.device.num_blocks
+
+    def is_whole(self) -> bool:
+        return self.books.is_whole()
+
+    def stats(self) -> dict[str, int]:
+        books = self.books
+        return {
+            "device_blocks_free": books.device.num_free,
+            "device_blocks_total": books.device.num_blocks,
+            "host_blocks_free": books.host.num_free,
+            "host_blocks_total": books.host.num_blocks,
+            "copies_in_flight": len(books.pending_ops()),
+            **books.counters,
+            **self._counts,
+        }
