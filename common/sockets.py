@@ -1,0 +1,93 @@
+"""ZeroMQ (asyncio) socket helpers: inboxes, peers, client sockets, and sending/receiving encoded messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common import codec
+from common.codec import DecodeError
+
+# Every socket is made with linger=0: a process that stops never blocks on unsent messages, and tests
+# that close sockets never hang. Inboxes are PULL sockets that many peers PUSH into; a process binds only
+# its own inbox (and the ingress its client ROUTER) and connects to everyone else's.
+
+
+def context() -> zmq.asyncio.Context:
+    """The process-wide asyncio ZeroMQ context."""
+    return zmq.asyncio.Context.instance()
+
+
+def bind_address(address: str, bind_any: bool = False) -> str:
+    """The address to bind: with bind_any, a tcp host becomes '*' (all interfaces) and the port stays."""
+    if not bind_any or not address.startswith("tcp://"):
+        return address
+    _, port = address[len("tcp://") :].rsplit(":", 1)
+    return f"tcp://*:{port}"
+
+
+def bound_address(sock: zmq.Socket) -> str:
+    """The address a socket actually bound (resolves a `tcp://127.0.0.1:*` wildcard port)."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _socket(ctx: zmq.Context, kind: int) -> Any:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+def bind_inbox(ctx: zmq.Context, address: str, bind_any: bool = False) -> Any:
+    """A PULL socket bound to this process's inbox address."""
+    sock = _socket(ctx, zmq.PULL)
+    sock.bind(bind_address(address, bind_any))
+    return sock
+
+
+def connect_push(ctx: zmq.Context, address: str) -> Any:
+    """A PUSH socket connected to a peer's inbox; messages queue until the peer is up."""
+    sock = _socket(ctx, zmq.PUSH)
+    sock.connect(address)
+    return sock
+
+
+def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False) -> Any:
+    """The ROUTER socket that clients' DEALER sockets connect to."""
+    sock = _socket(ctx, zmq.ROUTER)
+    sock.bind(bind_address(address, bind_any))
+    return sock
+
+
+def connect_dealer(ctx: zmq.Context, address: str) -> Any:
+    """A client's DEALER socket connected to the ingress ROUTER."""
+    sock = _socket(ctx, zmq.DEALER)
+    sock.connect(address)
+    return sock
+
+
+async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
+    """Send one message; `envelope` is the routing identity when sending from a ROUTER."""
+    await sock.send_multipart([*envelope, *codec.encode(msg)], copy=False)
+
+
+async def recv(sock: Any, expected: type | tuple[type, ...] | None = None) -> Any:
+    """The next message, or the DecodeError describing why it is malformed (never raised)."""
+    frames = await sock.recv_multipart(copy=False)
+    return decode_or_error(frames, expected)
+
+
+async def recv_routed(sock: Any, expected: type | tuple[type, ...] | None = None) -> tuple[bytes, Any, list]:
+    """From a ROUTER: (sender identity, message or DecodeError, raw message frames)."""
+    frames = await sock.recv_multipart(copy=False)
+    identity, rest = frames[0].bytes, frames[1:]
+    return identity, decode_or_error(rest, expected), rest
+
+
+def decode_or_error(frames: list, expected: type | tuple[type, ...] | None = None) -> Any:
+    """Decode frames, turning a malformed message into a DecodeError value so loops never die on input."""
+    try:
+        return codec.decode(frames, expected)
+    except DecodeError as e:
+        return e

@@ -1,0 +1,230 @@
+"""The ingress state machine (pure): client requests and scheduler events in, messages to send out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.codec import DecodeError, peek
+from common.messages import CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob
+from common.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ErrorCode,
+    ErrorEvent,
+    FinishEvent,
+    Generate,
+    StatsQuery,
+    StatsReply,
+    TokenEvent,
+)
+from services.ingress.detok import IncrementalDetokenizer
+from services.ingress.validate import Limits, Rejected, Tokenizer, check, prompt_ids
+
+
+@dataclass(frozen=True)
+class ToClient:
+    identity: bytes  # ROUTER routing id of the client
+    msg: Any  # a client event
+
+
+@dataclass(frozen=True)
+class ToScheduler:
+    msg: Any  # SubmitJob | CancelJob | StatsRequest
+
+
+@dataclass
+class _Request:
+    identity: bytes
+    request_id: str
+    stream: bool
+    prompt_tokens: int
+    detok: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)  # generated, not yet sent to the client
+    completion_tokens: int = 0
+    text: str = ""  # decoded, not yet sent to the client
+    cancelled: bool = False  # the client was told; waiting for the scheduler's final event
+
+
+_ERROR_CODES = {c.value for c in ErrorCode}
+
+
+class IngressCore:
+    """Validates and admits requests, tracks every job until the scheduler ends it, builds the events.
+
+    A job counts against the admission bound from SubmitJob until the scheduler's final JobEvent, even
+    after a cancel has been answered, so the bound is on work the stack really holds. Before the
+    scheduler announces Ready("stack"), and after any process reports Exit, requests get `unavailable`.
+    """
+
+    def __init__(self, limits: Limits, tokenizer: Tokenizer | None) -> None:
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.ready = False
+        self.jobs: dict[int, _Request] = {}  # job_id -> request, until the scheduler's final event
+        self.live: dict[tuple[bytes, str], int] = {}  # (client, request_id) -> job_id, until the client's last event
+        self.pending_stats: dict[int, tuple[bytes, str]] = {}  # request_no -> (client, request_id)
+        self._next_job = 1
+        self._next_stats = 1
+        self.counters = {"requests_accepted": 0, "requests_rejected": 0, "requests_finished": 0}
+
+    # --- from clients -------------------------------------------------------------------------
+    def on_client(self, identity: bytes, msg: Any, frames: list | None = None) -> list[Any]:
+        """React to one client message (or the DecodeError its frames produced)."""
+        if isinstance(msg, DecodeError):
+            return [self._reject(identity, self._peek_id(frames), *self._decode_failure(msg, frames))]
+        if isinstance(msg, Generate):
+            return self._generate(identity, msg)
+        if isinstance(msg, Cancel):
+            return self._cancel(identity, msg.request_id)
+        if isinstance(msg, StatsQuery):
+            return self._stats_query(identity, msg.request_id)
+        return [self._reject(identity, "", ErrorCode.INVALID_REQUEST, f"{type(msg).__name__} is not a request")]
+
+    def _generate(self, identity: bytes, req: Generate) -> list[Any]:
+        if req.version != PROTOCOL_VERSION:
+            return [self._reject(identity, req.request_id, *_version_error(req.version))]
+        request_id = req.request_id or f"ingress-{self._next_job}"
+        if (identity, request_id) in self.live:
+            return [self._reject(identity, request_id, ErrorCode.INVALID_REQUEST,
+                                 f"request id {request_id!r} is already live on this connection")]
+        try:
+            ids = prompt_ids(req, self.tokenizer, self.limits)
+            check(req, len(ids), self.limits)
+            self._admit()
+        except Rejected as e:
+            return [self._reject(identity, request_id, e.code, e.message)]
+        job_id = self._next_job
+        self._next_job += 1
+        detok = IncrementalDetokenizer(self.tokenizer.decode) if self.tokenizer is not None else None
+        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), detok)
+        self.live[(identity, request_id)] = job_id
+        self.counters["requests_accepted"] += 1
+        submit = SubmitJob(
+            job_id=job_id, prompt_ids=ids, max_tokens=req.max_tokens, temperature=req.temperature,
+            top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+        )
+        return [ToScheduler(submit)]
+
+    def _admit(self) -> None:
+        if not self.ready:
+            raise Rejected(ErrorCode.UNAVAILABLE, "the stack is not ready (starting, or a process stopped); retry later")
+        if len(self.jobs) >= self.limits.max_jobs_in_system:
+            raise Rejected(ErrorCode.OVERLOADED,
+                           f"{len(self.jobs)} jobs are in the system, the bound is {self.limits.max_jobs_in_system}; "
+                           "retry later")
+
+    def _cancel(self, identity: bytes, request_id: str) -> list[Any]:
+        job_id = self.live.pop((identity, request_id), None)
+        if job_id is None:
+            return []  # finished already, or never existed: cancelling is idempotent
+        self.jobs[job_id].cancelled = True
+        return [ToClient(identity, ErrorEvent(request_id, ErrorCode.CANCELLED, "cancelled by the client")),
+                ToScheduler(CancelJob(job_id))]
+
+    def _stats_query(self, identity: bytes, request_id: str) -> list[Any]:
+        if not self.ready:
+            return [self._reject(identity, request_id, ErrorCode.UNAVAILABLE, "the stack is not ready; retry later")]
+        request_no = self._next_stats
+        self._next_stats += 1
+        self.pending_stats[request_no] = (identity, request_id)
+        return [ToScheduler(StatsRequest(request_no))]
+
+    def stats_timeout(self, request_no: int) -> list[Any]:
+        """The scheduler did not answer a StatsRequest in time."""
+        who = self.pending_stats.pop(request_no, None)
+        if who is None:
+            return []
+        return [ToClient(who[0], ErrorEvent(who[1], ErrorCode.UNAVAILABLE, "the scheduler did not answer in time"))]
+
+    # --- from the stack -----------------------------------------------------------------------
+    def on_event(self, msg: Any) -> list[Any]:
+        """React to one message from the scheduler (or any process announcing Ready/Exit)."""
+        if isinstance(msg, JobEvent):
+            return self._job_event(msg)
+        if isinstance(msg, Stats):
+            return self._stats(msg)
+        if isinstance(msg, Ready):
+            if msg.role == "stack":
+                self.ready = True
+            return []
+        if isinstance(msg, Exit):
+            return self.fail_all(f"{msg.role} (stage {msg.stage}) exited with code {msg.code}")
+        return []
+
+    def _job_event(self, ev: JobEvent) -> list[Any]:
+        req = self.jobs.get(ev.job_id)
+        if req is None:
+            return []  # a job this ingress does not know (failed already): nothing to tell anyone
+        if ev.finish_reason:
+            del self.jobs[ev.job_id]
+        if req.cancelled:
+            return []
+        req.token_ids.extend(ev.token_ids)
+        req.completion_tokens += len(ev.token_ids)
+        if req.detok is not None and ev.token_ids:
+            req.text += req.detok.add(ev.token_ids)
+        if not ev.finish_reason:
+            return self._stream_out(req) if req.stream else []
+        self.live.pop((req.identity, req.request_id), None)
+        self.counters["requests_finished"] += 1
+        if ev.finish_reason in ("stop", "length"):
+            if req.detok is not None:
+                req.text += req.detok.flush()
+            finish = FinishEvent(req.request_id, ev.finish_reason, req.token_ids, req.text, req.prompt_tokens,
+                                 req.completion_tokens)
+            return [ToClient(req.identity, finish)]
+        if ev.finish_reason == "cancelled":
+            return [ToClient(req.identity, ErrorEvent(req.request_id, ErrorCode.CANCELLED, "cancelled by the stack"))]
+        code = ev.error_code if ev.error_code in _ERROR_CODES else ErrorCode.INTERNAL
+        return [ToClient(req.identity, ErrorEvent(req.request_id, code, ev.error_message or "the job failed"))]
+
+    def _stream_out(self, req: _Request) -> list[Any]:
+        if not req.token_ids:
+            return []
+        event = TokenEvent(req.request_id, req.token_ids, req.text)
+        req.token_ids, req.text = [], ""
+        return [ToClient(req.identity, event)]
+
+    def _stats(self, msg: Stats) -> list[Any]:
+        who = self.pending_stats.pop(msg.request_no, None)
+        if who is None:
+            return []
+        values = dict(msg.values)
+        values.update({f"ingress_{k}": v for k, v in self.counters.items()})
+        values["ingress_jobs_in_system"] = len(self.jobs)
+        values["ingress_max_jobs_in_system"] = self.limits.max_jobs_in_system
+        return [ToClient(who[0], StatsReply(who[1], values))]
+
+    def fail_all(self, why: str) -> list[Any]:
+        """The stack broke: end every live request with `internal` and refuse new ones until Ready again."""
+        self.ready = False
+        out = [ToClient(r.identity, ErrorEvent(r.request_id, ErrorCode.INTERNAL, why))
+               for r in self.jobs.values() if not r.cancelled]
+        out += [ToClient(i, ErrorEvent(rid, ErrorCode.UNAVAILABLE, why)) for i, rid in self.pending_stats.values()]
+        self.jobs.clear()
+        self.live.clear()
+        self.pending_stats.clear()
+        return out
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _reject(self, identity: bytes, request_id: str, code: ErrorCode, message: str) -> ToClient:
+        self.counters["requests_rejected"] += 1
+        return ToClient(identity, ErrorEvent(request_id, code, message))
+
+    @staticmethod
+    def _peek_id(frames: list | None) -> str:
+        value = peek(frames, "request_id") if frames is not None else None
+        return value if isinstance(value, str) and len(value) <= 128 else ""
+
+    @staticmethod
+    def _decode_failure(err: DecodeError, frames: list | None) -> tuple[ErrorCode, str]:
+        version = peek(frames, "version") if frames is not None else None
+        if type(version) is int and version != PROTOCOL_VERSION:
+            return _version_error(version)
+        return ErrorCode.INVALID_REQUEST, err.message
+
+
+def _version_error(version: int) -> tuple[ErrorCode, str]:
+    return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"

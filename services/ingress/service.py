@@ -1,0 +1,109 @@
+"""The ingress process shell: moves messages between client sockets, the scheduler and IngressCore."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from common import sockets
+from common.log import get_logger
+from common.messages import Exit, JobEvent, Ready, Stats
+from common.protocol import CLIENT_MESSAGES
+from services.ingress.core import IngressCore, ToClient, ToScheduler
+from services.ingress.validate import Limits
+
+STATS_TIMEOUT_S = 5.0  # a stats query the scheduler has not answered by then gets `unavailable`
+EVENT_TYPES = (JobEvent, Stats, Ready, Exit)
+
+
+class Ingress:
+    """Client ROUTER in, scheduler PUSH out, inbox PULL for scheduler events; all logic is in `core`."""
+
+    def __init__(
+        self,
+        core: IngressCore,
+        from_clients: Any,
+        recv_from_scheduler: Any,
+        send_to_scheduler: Any,
+        send_to_control: Any | None = None,
+        stats_timeout_s: float = STATS_TIMEOUT_S,
+    ) -> None:
+        self.core = core
+        self.from_clients = from_clients
+        self.recv_from_scheduler = recv_from_scheduler
+        self.send_to_scheduler = send_to_scheduler
+        self.send_to_control = send_to_control
+        self.stats_timeout_s = stats_timeout_s
+        self.log = get_logger()
+
+    @classmethod
+    def from_config(cls, config: Any, ctx: Any | None = None) -> "Ingress":
+        """Load the model's spec and tokenizer, bind the client ROUTER and the inbox, connect to the scheduler."""
+        from workers.model.spec import load_spec
+        from workers.model.tokenizer import load_tokenizer
+
+        spec = load_spec(config.model.path)
+        core = IngressCore(Limits.from_config(config, spec), load_tokenizer(config.model.path))
+        ctx = ctx or sockets.context()
+        ep = config.endpoints
+        return cls(
+            core,
+            from_clients=sockets.bind_router(ctx, ep.client, ep.bind_any),
+            recv_from_scheduler=sockets.bind_inbox(ctx, ep.ingress, ep.bind_any),
+            send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
+            send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
+        )
+
+    async def run(self) -> None:
+        """Announce readiness, then serve until cancelled; an I/O task's failure ends run() with it."""
+        if self.send_to_control is not None:
+            await sockets.send(self.send_to_control, Ready("ingress", -1))
+        self.log.info("ingress_ready", client=sockets.bound_address(self.from_clients))
+        tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._scheduler_loop())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _client_loop(self) -> None:
+        while True:
+            identity, msg, frames = await sockets.recv_routed(self.from_clients, CLIENT_MESSAGES)
+            if isinstance(msg, Exception):
+                self.log.info("bad_client_message", code=msg.code, error=msg.message)
+            await self._send(self.core.on_client(identity, msg, frames))
+
+    async def _scheduler_loop(self) -> None:
+        while True:
+            msg = await sockets.recv(self.recv_from_scheduler, EVENT_TYPES)
+            if isinstance(msg, Exception):
+                self.log.warning("bad_scheduler_message", code=msg.code, error=msg.message)
+                continue
+            if isinstance(msg, Ready):
+                self.log.info("peer_ready", peer=msg.role, stage=msg.stage)
+            elif isinstance(msg, Exit):
+                self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
+            await self._send(self.core.on_event(msg))
+
+    async def _send(self, outs: list[Any]) -> None:
+        for out in outs:
+            if isinstance(out, ToClient):
+                await sockets.send(self.from_clients, out.msg, (out.identity,))
+            elif isinstance(out, ToScheduler):
+                await sockets.send(self.send_to_scheduler, out.msg)
+                request_no = getattr(out.msg, "request_no", None)
+                if request_no is not None:
+                    asyncio.get_running_loop().call_later(self.stats_timeout_s, self._expire_stats, request_no)
+
+    def _expire_stats(self, request_no: int) -> None:
+        outs = self.core.stats_timeout(request_no)
+        if outs:
+            asyncio.ensure_future(self._send(outs))
+
+    def close(self) -> None:
+        for sock in (self.from_clients, self.recv_from_scheduler, self.send_to_scheduler, self.send_to_control):
+            if sock is not None:
+                sock.close(linger=0)

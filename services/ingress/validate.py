@@ -1,0 +1,88 @@
+"""Admission checks of a client request against the model and the KV pool (pure)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from common.protocol import ErrorCode, Generate
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request must fit: the model, the KV pool and the admission bound."""
+
+    vocab_size: int  # token ids are in [0, vocab_size)
+    max_context: int  # tokens: prompt + output
+    block_size: int  # tokens per KV block
+    num_gpu_blocks: int  # blocks in the device KV pool (per stage)
+    max_jobs_in_system: int  # accepted, unfinished jobs at most
+
+    @classmethod
+    def from_config(cls, config: Any, spec: Any) -> "Limits":
+        return cls(
+            vocab_size=spec.vocab_size,
+            max_context=config.model.max_context or spec.max_context,
+            block_size=config.cache.block_size,
+            num_gpu_blocks=config.cache.num_gpu_blocks,
+            max_jobs_in_system=config.scheduler.max_jobs_in_system,
+        )
+
+
+class Rejected(Exception):
+    """A request that cannot be served; becomes an ErrorEvent with this code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def prompt_ids(req: Generate, tokenizer: Tokenizer | None, limits: Limits) -> list[int]:
+    """The request's prompt as token ids, checked against the vocabulary; raises Rejected."""
+    if (req.prompt is None) == (req.prompt_ids is None):
+        raise Rejected(ErrorCode.INVALID_REQUEST, "give exactly one of prompt (text) and prompt_ids")
+    if req.prompt is not None:
+        if tokenizer is None:
+            raise Rejected(ErrorCode.INVALID_REQUEST, "this model has no tokenizer; send prompt_ids instead of text")
+        ids = tokenizer.encode(req.prompt) if req.prompt else []
+    else:
+        ids = list(req.prompt_ids or [])
+    if not ids:
+        raise Rejected(ErrorCode.INVALID_REQUEST, "the prompt is empty")
+    _check_vocab("prompt_ids", ids, limits.vocab_size)
+    return ids
+
+
+def check(req: Generate, num_prompt: int, limits: Limits) -> None:
+    """Raise Rejected unless the sampling fields are sane and the job fits the context and the KV pool."""
+    if req.top_p <= 0.0:
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"top_p is {req.top_p}; use a value in (0, 1]")
+    _check_vocab("stop_token_ids", req.stop_token_ids, limits.vocab_size)
+    total = num_prompt + req.max_tokens
+    if total > limits.max_context:
+        raise Rejected(
+            ErrorCode.CONTEXT_TOO_LONG,
+            f"{num_prompt} prompt tokens + max_tokens {req.max_tokens} = {total} exceeds the context of "
+            f"{limits.max_context} tokens",
+        )
+    blocks = math.ceil(total / limits.block_size)
+    if blocks > limits.num_gpu_blocks:
+        raise Rejected(
+            ErrorCode.CANNOT_FIT,
+            f"the job needs {blocks} KV blocks of {limits.block_size} tokens but the pool has "
+            f"{limits.num_gpu_blocks}; lower max_tokens or shorten the prompt",
+        )
+
+
+def _check_vocab(name: str, ids: list[int], vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise Rejected(ErrorCode.INVALID_REQUEST, f"{name} holds {bad}, outside the vocabulary [0, {vocab_size})")
