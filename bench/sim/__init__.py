@@ -1,0 +1,1 @@
+"""Discrete-event simulator of the scheduling policies (`fastserve sim`)."""

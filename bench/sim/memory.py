@@ -1,0 +1,42 @@
+"""Memory models of the simulator: where a batch's KV lives and what moving it costs."""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Protocol
+
+from services.scheduler.job import Job
+from services.scheduler.policies.base import Policy
+
+
+class Memory(Protocol):
+    def admit(self, job: Job) -> bool:
+        """False when the job can never fit (it is then rejected, as the real admission does)."""
+
+    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
+        """The part of `batch` that can run now, and the seconds of swap-in it must wait for."""
+
+    def release(self, job: Job) -> None:
+        """The job finished: free its KV."""
+
+    def swaps_of(self, job: Job) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class UnlimitedMemory:
+    """Every job's KV stays on the device: no holds, no swaps (an upper bound on what memory allows)."""
+
+    def admit(self, job: Job) -> bool:
+        return True
+
+    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
+        return batch, 0.0
+
+    def release(self, job: Job) -> None:
+        pass
+
+    def swaps_of(self, job: Job) -> int:
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"memory": "unlimited"}
