@@ -87,6 +87,17 @@ class Ingress:
             elif isinstance(msg, Exit):
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
             await self._send(self.core.on_event(msg))
+            await self._tell_control(msg)
+
+    async def _tell_control(self, msg: Any) -> None:
+        """The launcher waits for the stack's readiness as ingress sees it, and for ingress to have
+        failed every live request after a peer died, before it stops the stack."""
+        if self.send_to_control is None:
+            return
+        if isinstance(msg, Ready) and msg.role == "stack":
+            await sockets.send(self.send_to_control, msg)
+        elif isinstance(msg, Exit):
+            await sockets.send(self.send_to_control, Exit("ingress", -1, 0))
 
     async def _send(self, outs: list[Any]) -> None:
         for out in outs:

@@ -1,0 +1,173 @@
+"""The KV-cache manager process shell: makes each batch memory-feasible and forwards it to stage 0.
+
+It owns the books (every device and host block, per-job block tables) and the planner; it creates the
+shared-memory host pool so that swapped-out KV outlives a worker restart. Copies run in the workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from common import sockets
+from common.codec import DecodeError
+from common.log import get_logger
+from common.messages import (
+    BatchPlanned,
+    BatchResult,
+    Exit,
+    KVChanged,
+    Ready,
+    ScheduleBatch,
+    StageBatch,
+    Stats,
+    StatsRequest,
+    SwapDone,
+)
+from common.messages import SwapOp as WireSwapOp
+from services.kvcache.books import Residency, SwapOp
+from services.kvcache.planner import Planner
+
+INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Exit)
+
+
+def wire_op(op: SwapOp) -> WireSwapOp:
+    return WireSwapOp(op.op_id, op.job_id, op.direction.value, list(op.src_blocks), list(op.dst_blocks))
+
+
+class KVCacheManager:
+    """Inbox in; StageBatch to stage 0, BatchPlanned/KVChanged/Stats to the scheduler."""
+
+    def __init__(
+        self,
+        planner: Planner,
+        recv_inbox: Any,
+        send_to_stage0: Any,
+        send_to_scheduler: Any,
+        send_to_control: Any | None = None,
+        host_pool: Any | None = None,
+    ) -> None:
+        self.planner = planner
+        self.recv_inbox = recv_inbox
+        self.send_to_stage0 = send_to_stage0
+        self.send_to_scheduler = send_to_scheduler
+        self.send_to_control = send_to_control
+        self.host_pool = host_pool
+        self.copy_s = 0.0  # copy seconds summed over stages, from worker acks
+        self.overlap_s = 0.0  # part of copy_s that overlapped compute
+        self.log = get_logger()
+        self.handlers = {
+            ScheduleBatch: self.on_batch,
+            SwapDone: self.on_swap_done,
+            StatsRequest: self.on_stats,
+            Exit: self.on_exit,
+        }
+
+    @classmethod
+    def from_config(cls, config: Any, ctx: Any | None = None) -> "KVCacheManager":
+        host_pool = None
+        if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
+            from services.kvcache.hostpool import HostPool, HostPoolLayout
+
+            host_pool = HostPool.create(config.endpoints.host_pool, HostPoolLayout.from_config(config), replace=True)
+        ctx = ctx or sockets.context()
+        ep = config.endpoints
+        return cls(
+            Planner.from_config(config),
+            recv_inbox=sockets.bind_inbox(ctx, ep.kvcache, ep.bind_any),
+            send_to_stage0=sockets.connect_push(ctx, ep.stage(0)),
+            send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
+            send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
+            host_pool=host_pool,
+        )
+
+    async def run(self) -> None:
+        for sock in (self.send_to_scheduler, self.send_to_control):
+            if sock is not None:
+                await sockets.send(sock, Ready("kvcache", -1))
+        self.log.info("kvcache_ready", mode=self.planner.mode, **self.planner.stats())
+        while True:
+            msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
+            if isinstance(msg, DecodeError):
+                self.log.warning("bad_message", code=msg.code, error=msg.message)
+                continue
+            await self.handlers[type(msg)](msg)
+
+    async def on_batch(self, msg: ScheduleBatch) -> None:
+        try:
+            await self.plan_batch(msg)
+        except (ValueError, KeyError) as e:  # a batch the books refuse fails its jobs, never the loop
+            self.log.exception("batch_refused", batch_id=msg.batch_id)
+            await sockets.send(self.send_to_scheduler, BatchResult(msg.batch_id, [], [], 0.0, f"kvcache: {e}"))
+
+    async def plan_batch(self, msg: ScheduleBatch) -> None:
+        for job_id in msg.freed_job_ids:
+            self.planner.free(job_id)
+        books = self.planner.books
+        stale, wanted = [], {}
+        for job in msg.jobs:
+            entry = books.get(job.job_id)
+            held_tokens = 0 if entry is None or entry.state is Residency.DROPPED else entry.num_tokens
+            if job.context_len != held_tokens:
+                stale.append(job.job_id)  # picked before its KV was dropped: skip; the scheduler resends it
+            else:
+                wanted[job.job_id] = job.context_len + job.num_new_tokens
+        plan = self.planner.plan(wanted, msg.run_order, msg.in_flight_job_ids)
+        held = stale + list(plan.held)
+        await sockets.send(
+            self.send_to_scheduler,
+            BatchPlanned(msg.batch_id, held, list(plan.dropped), books.device.num_free, len(books.pending_ops())),
+        )
+        offsets = np.cumsum([0] + [j.num_new_tokens for j in msg.jobs])
+        runs = [(i, j) for i, j in enumerate(msg.jobs) if j.job_id in plan.block_tables]
+        input_ids = np.concatenate([msg.input_ids[offsets[i] : offsets[i + 1]] for i, _ in runs]) if runs else msg.input_ids[:0]
+        await sockets.send(
+            self.send_to_stage0,
+            StageBatch(
+                batch_id=msg.batch_id,
+                jobs=[j for _, j in runs],
+                block_tables=[list(plan.block_tables[j.job_id]) for _, j in runs],
+                swap_out=[wire_op(op) for op in plan.swap_out],
+                swap_in=[wire_op(op) for op in plan.swap_in],
+                input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),
+                hidden=None,
+                compute_s=0.0,
+            ),
+        )
+
+    async def on_swap_done(self, msg: SwapDone) -> None:
+        self.copy_s += msg.copy_s
+        self.overlap_s += msg.overlap_s
+        completed = [op_id for op_id in msg.op_ids if self.planner.ack(op_id, msg.stage)]
+        if completed:
+            books = self.planner.books
+            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops())))
+
+    async def on_stats(self, msg: StatsRequest) -> None:
+        await sockets.send(self.send_to_scheduler, Stats(msg.request_no, self.stats()))
+
+    async def on_exit(self, msg: Exit) -> None:
+        """A worker restarted with an empty device pool: device-side KV is gone, host copies survive."""
+        if msg.role == "worker":
+            lost = self.planner.device_lost()
+            self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
+
+    def stats(self) -> dict[str, int | float]:
+        s = self.planner.stats()
+        return {
+            **s,
+            "kv_free_blocks": s["device_blocks_free"],
+            "kv_total_blocks": s["device_blocks_total"],
+            "kv_whole": int(self.planner.is_whole()),
+            "copy_s": self.copy_s,
+            "copy_overlap_s": self.overlap_s,
+        }
+
+    def close(self) -> None:
+        self.log.info("kvcache_stopped", **self.stats())
+        for sock in (self.recv_inbox, self.send_to_stage0, self.send_to_scheduler, self.send_to_control):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.host_pool is not None:
+            self.host_pool.close()

@@ -1,0 +1,149 @@
+"""The scheduler process shell: receives jobs and results, asks the core for batches, sends them on."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from common import sockets
+from common.codec import DecodeError
+from common.log import get_logger
+from common.messages import (
+    BatchPlanned,
+    BatchResult,
+    CancelJob,
+    Exit,
+    JobEvent,
+    KVChanged,
+    Ready,
+    Stats,
+    StatsRequest,
+    SubmitJob,
+)
+from services.scheduler.core import SchedulerCore
+from services.scheduler.policies import make_policy
+
+INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, Ready, Exit)
+
+
+class Scheduler:
+    """Inbox in; batches to the KV manager, job events to ingress. All decisions are in `core`."""
+
+    def __init__(
+        self,
+        core: SchedulerCore,
+        num_stages: int,
+        recv_inbox: Any,
+        send_to_kvcache: Any,
+        send_to_ingress: Any,
+        send_to_control: Any | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.num_stages = num_stages
+        self.recv_inbox = recv_inbox
+        self.send_to_kvcache = send_to_kvcache
+        self.send_to_ingress = send_to_ingress
+        self.send_to_control = send_to_control
+        self.clock = clock
+        self.ready: set[tuple[str, int]] = set()
+        self.stack_ready = False
+        self.log = get_logger()
+        self.handlers = {
+            SubmitJob: self.on_submit,
+            CancelJob: self.on_cancel,
+            StatsRequest: self.on_stats_request,
+            Stats: self.on_kv_stats,
+            BatchPlanned: self.on_planned,
+            BatchResult: self.on_result,
+            KVChanged: self.on_kv_changed,
+            Ready: self.on_ready,
+            Exit: self.on_exit,
+        }
+
+    @classmethod
+    def from_config(cls, config: Any, ctx: Any | None = None) -> "Scheduler":
+        from common.profile import Profile
+        from workers.model.spec import load_spec
+
+        prefill_time = Profile.load(config.scheduler.profile).prefill_time if config.scheduler.profile else None
+        spec = load_spec(config.model.path)
+        stages = config.parallel.num_stages
+        core = SchedulerCore(make_policy(config.scheduler, prefill_time), stages, tuple(spec.eos_token_ids))
+        ctx = ctx or sockets.context()
+        ep = config.endpoints
+        return cls(
+            core,
+            stages,
+            recv_inbox=sockets.bind_inbox(ctx, ep.scheduler, ep.bind_any),
+            send_to_kvcache=sockets.connect_push(ctx, ep.kvcache),
+            send_to_ingress=sockets.connect_push(ctx, ep.ingress),
+            send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
+        )
+
+    async def run(self) -> None:
+        if self.send_to_control is not None:
+            await sockets.send(self.send_to_control, Ready("scheduler", -1))
+        self.log.info("scheduler_ready", policy=self.core.policy.name, stages=self.num_stages)
+        while True:
+            msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
+            if isinstance(msg, DecodeError):
+                self.log.warning("bad_message", code=msg.code, error=msg.message)
+                continue
+            await self.handlers[type(msg)](msg)
+            await self.pump()
+
+    async def pump(self) -> None:
+        """Fill the pipeline: up to one batch in flight per stage."""
+        while True:
+            batch = self.core.next_batch(self.clock())
+            if batch is None:
+                return
+            await sockets.send(self.send_to_kvcache, batch)
+
+    async def emit(self, events: list[JobEvent]) -> None:
+        for event in events:
+            if event.finish_reason:
+                self.log.debug("job_ended", job_id=event.job_id, reason=event.finish_reason)
+            await sockets.send(self.send_to_ingress, event)
+
+    async def on_submit(self, msg: SubmitJob) -> None:
+        await self.emit(self.core.submit(msg, self.clock()))
+
+    async def on_cancel(self, msg: CancelJob) -> None:
+        await self.emit(self.core.cancel(msg.job_id, self.clock()))
+
+    async def on_planned(self, msg: BatchPlanned) -> None:
+        self.core.on_planned(msg)
+
+    async def on_result(self, msg: BatchResult) -> None:
+        if msg.error:
+            self.log.error("batch_failed", batch_id=msg.batch_id, error=msg.error)
+        await self.emit(self.core.on_result(msg, self.clock()))
+
+    async def on_kv_changed(self, msg: KVChanged) -> None:
+        self.core.on_kv_changed(msg)
+
+    async def on_stats_request(self, msg: StatsRequest) -> None:
+        await sockets.send(self.send_to_kvcache, msg)  # the KV manager answers with its counters
+
+    async def on_kv_stats(self, msg: Stats) -> None:
+        await sockets.send(self.send_to_ingress, Stats(msg.request_no, {**msg.values, **self.core.stats()}))
+
+    async def on_ready(self, msg: Ready) -> None:
+        self.ready.add((msg.role, msg.stage))
+        expected = {("kvcache", -1)} | {("worker", k) for k in range(self.num_stages)}
+        if not self.stack_ready and expected <= self.ready:
+            self.stack_ready = True
+            self.log.info("stack_ready")
+            await sockets.send(self.send_to_ingress, Ready("stack", -1))
+
+    async def on_exit(self, msg: Exit) -> None:
+        """A peer died (the launcher says so): every live job ends with `internal`; nothing hangs."""
+        self.log.error("peer_exited", role=msg.role, stage=msg.stage, code=msg.code)
+        await self.emit(self.core.fail_all("internal", f"{msg.role} {msg.stage} exited with {msg.code}", self.clock()))
+
+    def close(self) -> None:
+        for sock in (self.recv_inbox, self.send_to_kvcache, self.send_to_ingress, self.send_to_control):
+            if sock is not None:
+                sock.close(linger=0)

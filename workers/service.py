@@ -1,0 +1,203 @@
+"""The stage worker process: one ordered stream of StageBatch messages; swaps, then compute, then forward.
+
+Copies run here, not in the KV manager: CUDA work from two processes is time-sliced, so only a copy
+issued by the worker itself (on its own stream) can overlap the worker's kernels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import sockets
+from common.codec import DecodeError
+from common.log import get_logger
+from common.messages import BatchResult, Ready, StageBatch, SwapDone
+from workers.model.batch import StepInput
+from workers.model.runner import StageRunner
+from workers.model.sampling import SamplingParams, sample
+
+ACK_POLL_S = 0.0005  # how often pending copies are polled while the stream is idle
+
+
+def to_wire(hidden: torch.Tensor) -> np.ndarray:
+    """Activations as a numpy array (bfloat16 travels as its raw 16-bit pattern)."""
+    h = hidden.detach().contiguous().cpu()
+    if h.dtype == torch.bfloat16:
+        h = h.view(torch.int16)
+    return h.numpy()
+
+
+def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.array(array))  # own the memory: the frame buffer is read-only
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+class StageWorker:
+    """Layers [lo, hi) of one stage; the last stage samples and reports tokens to the scheduler."""
+
+    def __init__(
+        self,
+        runner: StageRunner,
+        stage: int,
+        recv_inbox: Any,
+        send_next: Any | None,
+        send_to_scheduler: Any,
+        send_to_kvcache: Any,
+        send_to_control: Any | None = None,
+        executor: Any | None = None,
+    ) -> None:
+        self.runner = runner
+        self.stage = stage
+        self.recv_inbox = recv_inbox
+        self.send_next = send_next  # None on the last stage
+        self.send_to_scheduler = send_to_scheduler
+        self.send_to_kvcache = send_to_kvcache
+        self.send_to_control = send_to_control
+        self.executor = executor
+        self.pending_ops = 0
+        self.acks_reported = (0.0, 0.0)  # copy_s, overlap_s already sent
+        self.log = get_logger()
+
+    @classmethod
+    def from_config(cls, config: Any, stage: int, ctx: Any | None = None) -> "StageWorker":
+        if config.model.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.num_stages))
+        runner = StageRunner.from_config(config, stage)
+        executor = None
+        if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
+            from services.kvcache.hostpool import HostPool, HostPoolLayout
+            from workers.copy_executor import make_executor
+
+            pool = HostPool.attach(config.endpoints.host_pool, HostPoolLayout.from_config(config))
+            executor = make_executor(runner.kv, pool.view(stage))
+            executor.host_pool_handle = pool  # keep the mapping alive as long as the executor
+        ctx = ctx or sockets.context()
+        ep = config.endpoints
+        last = stage == config.parallel.num_stages - 1
+        return cls(
+            runner,
+            stage,
+            recv_inbox=sockets.bind_inbox(ctx, ep.stage(stage), ep.bind_any),
+            send_next=None if last else sockets.connect_push(ctx, ep.stage(stage + 1)),
+            send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
+            send_to_kvcache=sockets.connect_push(ctx, ep.kvcache),
+            send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
+            executor=executor,
+        )
+
+    async def run(self) -> None:
+        for sock in (self.send_to_scheduler, self.send_to_control):
+            if sock is not None:
+                await sockets.send(sock, Ready("worker", self.stage))
+        self.log.info("worker_ready", layers=f"[{self.runner.lo},{self.runner.hi})", blocks=self.runner.num_blocks)
+        acks = asyncio.ensure_future(self.ack_loop())
+        try:
+            while True:
+                msg = await sockets.recv(self.recv_inbox, StageBatch)
+                if isinstance(msg, DecodeError):
+                    self.log.warning("bad_message", code=msg.code, error=msg.message)
+                    continue
+                await self.on_batch(msg)
+        finally:
+            acks.cancel()
+
+    async def on_batch(self, msg: StageBatch) -> None:
+        self.submit_swaps(msg)
+        hidden, tokens, compute_s, error = None, [], msg.compute_s, ""
+        if msg.jobs:
+            try:
+                out, seconds = self.compute(msg)
+                compute_s += seconds
+                if self.runner.is_last:
+                    tokens = self.sample(msg, out)
+                else:
+                    hidden = to_wire(out)
+            except Exception as e:  # a bad batch fails its jobs, never the loop
+                self.log.exception("batch_failed", batch_id=msg.batch_id)
+                error = f"stage {self.stage}: {type(e).__name__}: {e}"
+        if error or self.send_next is None:
+            result = BatchResult(msg.batch_id, [j.job_id for j in msg.jobs] if not error else [], tokens, compute_s, error)
+            await sockets.send(self.send_to_scheduler, result)
+            if error and self.send_next is not None:  # later stages still run this batch's swaps
+                msg = StageBatch(msg.batch_id, [], [], msg.swap_out, msg.swap_in, None, None, compute_s)
+                await sockets.send(self.send_next, msg)
+            await self.report_acks()
+            return
+        forward = StageBatch(msg.batch_id, msg.jobs, msg.block_tables, msg.swap_out, msg.swap_in, None, hidden, compute_s)
+        await sockets.send(self.send_next, forward)
+        await self.report_acks()
+
+    def submit_swaps(self, msg: StageBatch) -> None:
+        if not msg.swap_out and not msg.swap_in:
+            return
+        if self.executor is None:
+            raise RuntimeError("swap ops arrived but this worker has no host pool (cache.num_host_blocks is 0)")
+        for op in (*msg.swap_out, *msg.swap_in):
+            self.executor.submit(op)
+            self.pending_ops += 1
+
+    def compute(self, msg: StageBatch) -> tuple[torch.Tensor, float]:
+        runner = self.runner
+        step = StepInput(
+            job_ids=[j.job_id for j in msg.jobs],
+            query_lens=[j.num_new_tokens for j in msg.jobs],
+            context_lens=[j.context_len for j in msg.jobs],
+            block_tables=msg.block_tables,
+            token_ids=torch.from_numpy(np.array(msg.input_ids)) if runner.is_first else None,
+            hidden=None if runner.is_first else from_wire(msg.hidden, runner.dtype),
+        )
+        if self.executor is not None:
+            self.executor.wait_for(step.job_ids)
+            self.executor.compute_begin()
+        start = time.perf_counter()
+        try:
+            out = runner.forward(step)
+        finally:
+            if self.executor is not None:
+                self.executor.compute_end()
+        if out.is_cuda:
+            torch.cuda.current_stream(out.device).synchronize()
+        return out, time.perf_counter() - start
+
+    def sample(self, msg: StageBatch, logits: torch.Tensor) -> list[int]:
+        params = [
+            SamplingParams(max_tokens=1, temperature=j.sampling.temperature, top_k=j.sampling.top_k,
+                           top_p=j.sampling.top_p if j.sampling.top_p > 0 else 1.0, seed=j.sampling.seed)
+            for j in msg.jobs
+        ]
+        return sample(logits, params, [j.sampling.step for j in msg.jobs])
+
+    async def report_acks(self) -> None:
+        if self.executor is None or not self.pending_ops:
+            return
+        done = self.executor.poll()
+        if not done:
+            return
+        self.pending_ops -= len(done)
+        stats = self.executor.stats()
+        copy_s, overlap_s = stats.copy_s - self.acks_reported[0], stats.overlap_s - self.acks_reported[1]
+        self.acks_reported = (stats.copy_s, stats.overlap_s)
+        await sockets.send(self.send_to_kvcache, SwapDone(self.stage, done, max(copy_s, 0.0), max(overlap_s, 0.0)))
+
+    async def ack_loop(self) -> None:
+        """Acknowledge copies that finish while no batch arrives (a stream that carried only swaps)."""
+        while True:
+            await asyncio.sleep(ACK_POLL_S if self.pending_ops else 0.01)
+            await self.report_acks()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            stats = self.executor.stats()
+            self.log.info("copy_stats", ops_out=stats.ops_out, ops_in=stats.ops_in, bytes_out=stats.bytes_out,
+                          bytes_in=stats.bytes_in, copy_s=stats.copy_s, overlap_s=stats.overlap_s,
+                          hidden_fraction=stats.hidden_fraction)
+        for sock in (self.recv_inbox, self.send_next, self.send_to_scheduler, self.send_to_kvcache, self.send_to_control):
+            if sock is not None:
+                sock.close(linger=0)
