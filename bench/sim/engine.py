@@ -21,6 +21,9 @@ from bench.workloads import Workload
 from services.scheduler.job import Job, JobStatus
 from services.scheduler.policies.base import Policy
 
+# Attempts per iteration to find a batch when the memory model holds back every picked job.
+MAX_PICKS = 4
+
 
 @dataclass
 class SimResult:
@@ -60,9 +63,24 @@ class Simulator:
         self.busy_s = 0.0
         self.batch_jobs = 0
         self.decision_s = 0.0
+        self.stuck_since: float | None = None
+        self.held: set[int] = set()  # picked but held back by memory since the last completion
 
     def can_run(self, job: Job) -> bool:
-        return job.job_id not in self.in_flight
+        return job.job_id not in self.in_flight and job.job_id not in self.held
+
+    def pick(self, t: float) -> tuple[list[Job], float]:
+        """The policy's batch after the memory model; jobs the memory model holds back are skipped
+        until the next batch completes, and the policy is asked again (a bounded number of times)."""
+        for _ in range(MAX_PICKS):
+            t0 = time.perf_counter()
+            picked = self.policy.schedule(t, self.can_run)
+            self.decision_s += time.perf_counter() - t0
+            batch, swap_s = self.memory.prepare(picked, self.policy, self.in_flight, t)
+            if batch or len(picked) == 0:
+                return batch, swap_s
+            self.held.update(job.job_id for job in picked)
+        return [], 0.0
 
     def run(self) -> SimResult:
         wall = time.perf_counter()
@@ -77,17 +95,32 @@ class Simulator:
                     self.arrive(requests[i])
                     i += 1
             if self.launch(t):
-                now = t
+                now, self.stuck_since = t, None
                 continue
             # nothing can run now: jump to the next arrival or completion
-            nxt = min(requests[i].arrival_s if i < n else float("inf"), self.events[0][0] if self.events else float("inf"))
+            nxt = min(
+                requests[i].arrival_s if i < n else float("inf"),
+                self.events[0][0] if self.events else float("inf"),
+                self.memory.next_ready_s(),
+            )
             if nxt == float("inf"):
                 if not len(self.policy):
                     break
-                held = len(self.policy)
-                raise RuntimeError(f"simulation stuck at t={t:.3f}s: {held} jobs held, none can run and nothing in flight")
+                nxt = self.wait_for_policy(t)
             now = nxt
+            self.held.clear()  # time moves on: copies may have landed, so held jobs are asked again
         return SimResult(self.records, self.rejected, self.summary(time.perf_counter() - wall))
+
+    def wait_for_policy(self, t: float) -> float:
+        """Nothing will happen by itself, but the held jobs may be reordered (starvation promotion),
+        as the real loop would see while idling: step the clock by the check period, up to a bound."""
+        config = self.policy.config
+        if self.stuck_since is None:
+            self.stuck_since = t
+        if t - self.stuck_since > config.starvation_limit_s + 2 * config.starvation_check_s:
+            held = len(self.policy)
+            raise RuntimeError(f"simulation stuck at t={t:.3f}s: {held} jobs held, none can run and nothing in flight")
+        return t + config.starvation_check_s
 
     def arrive(self, request) -> None:
         job = Job(
@@ -105,10 +138,7 @@ class Simulator:
 
     def launch(self, t: float) -> bool:
         """Pick, make memory-feasible and start one batch at time t; False when nothing can run."""
-        t0 = time.perf_counter()
-        batch = self.policy.schedule(t, self.can_run)
-        self.decision_s += time.perf_counter() - t0
-        batch, swap_s = self.memory.prepare(batch, self.policy, self.in_flight, t)
+        batch, swap_s = self.pick(t)
         if not batch:
             return False
         for job in self.ran_last.values():
@@ -138,6 +168,7 @@ class Simulator:
 
     def complete(self, flight: _InFlight) -> None:
         now = flight.done_s
+        self.held.clear()  # memory changed: held jobs may fit now
         for job in flight.batch:
             self.in_flight.discard(job.job_id)
             job.num_computed = job.context_len

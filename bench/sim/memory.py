@@ -18,6 +18,9 @@ class Memory(Protocol):
     def release(self, job: Job) -> None:
         """The job finished: free its KV."""
 
+    def next_ready_s(self) -> float:
+        """When the earliest copy in flight completes (inf if none): a time worth waking up at."""
+
     def swaps_of(self, job: Job) -> int: ...
 
     def stats(self) -> dict[str, Any]: ...
@@ -34,6 +37,9 @@ class UnlimitedMemory:
 
     def release(self, job: Job) -> None:
         pass
+
+    def next_ready_s(self) -> float:
+        return float("inf")
 
     def swaps_of(self, job: Job) -> int:
         return 0

@@ -1,0 +1,103 @@
+"""Finite KV memory for the simulator: the real KV planner and books, with copies timed by the cost model.
+
+Every iteration the picked batch goes through `services.kvcache.Planner.plan` exactly as the KV
+manager does it: jobs may be held back, offloads and uploads are started, and (in recompute mode)
+KV is dropped. Copies run on one host-device link per direction, each taking
+`cost.swap_time(blocks * block_size)`; a copy is acknowledged for every stage when it completes.
+Uploads the planner starts for jobs predicted to run soon overlap computation; in reactive mode a
+picked job's upload delays the start of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import Counter
+from typing import Any, Callable, Collection
+
+from bench.costmodel import CostModel
+from common.config import CacheConfig, SchedulerConfig
+from services.kvcache.books import Direction, KVBooks
+from services.kvcache.planner import Planner
+from services.scheduler.job import Job
+from services.scheduler.policies.base import Policy
+
+# Host pool size relative to the device pool when the device pool comes from a roofline's
+# capacity (a GPU server has several times more host memory than GPU memory).
+HOST_TO_DEVICE = 4
+
+
+class KVMemory:
+    def __init__(self, planner: Planner, cost: CostModel) -> None:
+        self.planner = planner
+        self.books = planner.books
+        self.cost = cost
+        self.link_free = {Direction.OUT: 0.0, Direction.IN: 0.0}
+        self.copies: list[tuple[float, int]] = []  # (done time, op id)
+        self.copy_s = 0.0
+        self.swaps: Counter[int] = Counter()
+        self.rejected = 0
+
+    def admit(self, job: Job) -> bool:
+        if self.planner.can_ever_fit(job.prompt_len + job.max_tokens):
+            return True
+        self.rejected += 1
+        return False
+
+    def next_ready_s(self) -> float:
+        return self.copies[0][0] if self.copies else float("inf")
+
+    def settle(self, now: float) -> None:
+        """Acknowledge, on every stage, each copy that has finished by `now`."""
+        while self.copies and self.copies[0][0] <= now:
+            _, op_id = heapq.heappop(self.copies)
+            for stage in range(self.books.num_stages):
+                self.planner.ack(op_id, stage)
+
+    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
+        self.settle(now)
+        if not batch:
+            return batch, 0.0
+        order = policy.run_order(now)
+        plan = self.planner.plan({job.job_id: job.context_len for job in batch}, [j.job_id for j in order], in_flight)
+        by_id = {job.job_id: job for job in order} if plan.dropped else {}
+        for job_id in plan.dropped:
+            by_id[job_id].num_computed = 0  # resumes by recomputing prompt + generated tokens
+        wait = 0.0
+        for op in (*plan.swap_out, *plan.swap_in):
+            start = max(now, self.link_free[op.direction])
+            seconds = self.cost.swap_time(len(op.pairs) * self.books.block_size)
+            done = self.link_free[op.direction] = start + seconds
+            self.copy_s += seconds
+            heapq.heappush(self.copies, (done, op.op_id))
+            self.swaps[op.job_id] += 1
+            if op.direction is Direction.IN and op.job_id in plan.block_tables:
+                wait = max(wait, done - now)  # reactive: compute waits for this upload
+        return [job for job in batch if job.job_id in plan.block_tables], wait
+
+    def release(self, job: Job) -> None:
+        self.planner.free(job.job_id)
+
+    def swaps_of(self, job: Job) -> int:
+        return self.swaps.pop(job.job_id, 0)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.planner.stats()
+        keep = ("device_blocks_total", "host_blocks_total", "swaps_out", "swaps_in", "dropped", "held", "offload_iterations", "upload_iterations")
+        return {"memory": f"kv-{self.planner.mode}", "copy_s": self.copy_s, **{k: s[k] for k in keep if k in s}}
+
+
+def kv_memory_factory(cache: CacheConfig, scheduler: SchedulerConfig, cost: CostModel) -> Callable[[], KVMemory]:
+    """Fresh KV memory per run. The device pool holds cost.kv_capacity_tokens when the cost model
+    knows it (roofline), else cache.num_gpu_blocks; the host pool is then HOST_TO_DEVICE times that."""
+    device, host = cache.num_gpu_blocks, cache.num_host_blocks
+    if cost.kv_capacity_tokens:
+        device = max(cost.kv_capacity_tokens // cache.block_size, 1)
+        host = HOST_TO_DEVICE * device
+    cache = dataclasses.replace(cache, num_gpu_blocks=device, num_host_blocks=host)
+
+    def make() -> KVMemory:
+        books = KVBooks(cache.num_gpu_blocks, cache.num_host_blocks, cache.block_size, cost.num_stages)
+        return KVMemory(Planner(books, cache.swap, cache.headroom_blocks, scheduler.max_jobs), cost)
+
+    return make
