@@ -251,44 +251,124 @@ def _compile(hint: Any) -> tuple[Enc | None, Dec]:
     raise TypeError(f"unsupported wire field type {hint!r}")
 
 
+def _pred(hint: Any, x: str, consts: dict[str, Any], depth: int = 0) -> str | None:
+    """Python source of a fast test that `x` is already a valid value of `hint` (None: no fast test)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        base = _pred(args[0], x, consts, depth)
+        if base is None:
+            return None
+        parts = [base]
+        for m in args[1:]:
+            if isinstance(m, Range):
+                parts += [f"{x} >= {m.lo!r}"] if m.lo is not None else []
+                parts += [f"{x} <= {m.hi!r}"] if m.hi is not None else []
+            elif isinstance(m, OneOf):
+                name = f"_c{len(consts)}"
+                consts[name] = frozenset(m.values)
+                parts.append(f"{x} in {name}")
+            elif isinstance(m, MaxLen):
+                parts.append(f"len({x}) <= {m.n}")
+        return " and ".join(parts)
+    if hint in (int, float, str, bool, bytes):
+        return f"type({x}) is {hint.__name__}"
+    if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
+        inner = _pred(next(a for a in args if a is not type(None)), x, consts, depth)
+        return None if inner is None else f"({x} is None or ({inner}))"
+    if origin is list and depth < 3:
+        e = f"_e{depth}"
+        inner = _pred(args[0], e, consts, depth + 1)
+        return None if inner is None else f"type({x}) is list and all({inner} for {e} in {x})"
+    if origin is dict and args[0] is str and depth < 3:
+        k, e = f"_k{depth}", f"_e{depth}"
+        inner = _pred(args[1], e, consts, depth + 1)
+        return None if inner is None else f"type({x}) is dict and all(type({k}) is str and {inner} for {k}, {e} in {x}.items())"
+    return None
+
+
 class _Struct:
-    """The compiled fields of one frozen dataclass, for top-level messages and nested structs alike."""
+    """One frozen dataclass compiled to generated encode/decode functions (the wire's hot path).
+
+    Each field gets an inline fast test of the common valid case; only a value that fails it goes
+    through the generic validating decoder, which converts it (int -> float) or raises with a path.
+    """
 
     def __init__(self, cls: type) -> None:
         if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
         hints = typing.get_type_hints(cls, include_extras=True)
         self.cls = cls
-        self.fields = [(f.name, *_compile(hints[f.name])) for f in dataclasses.fields(cls)]
-        self.names = {f.name for f in dataclasses.fields(cls)}
-        self.required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
+        self.fields = dataclasses.fields(cls)
+        self.names = frozenset(f.name for f in self.fields)
+        self.required = frozenset(
+            f.name for f in self.fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        ns: dict[str, Any] = {"_cls": cls, "_new": object.__new__, "_keys": self._check_keys, "_p": _join,
+                              "_not_map": self._not_map, "_post": self._post_init}
+        enc_items, dec_lines, values = [], [], []
+        for i, f in enumerate(self.fields):
+            enc, dec = _compile(hints[f.name])
+            ns[f"_enc{i}"], ns[f"_dec{i}"] = enc, dec
+            enc_items.append(f"{f.name!r}: m.{f.name}" if enc is None else f"{f.name!r}: _enc{i}(m.{f.name}, bufs)")
+            dec_lines.append(self._field_source(i, f, hints[f.name], ns))
+            values.append(f"{f.name!r}: x{i}")
+        make = "    o = _cls(**d)" if hasattr(cls, "__slots__") else "    o = _new(_cls)\n    o.__dict__.update(d)"
+        post = "    _post(o)" if hasattr(cls, "__post_init__") else ""
+        source = "\n".join([
+            "def encode_map(m, bufs):",
+            f"    return {{{', '.join(enc_items)}}}",
+            "def decode_map(v, bufs, path):",
+            "    if type(v) is not dict:",
+            "        _not_map(v, path)",
+            f"    if len(v) != {len(self.fields)} or v.keys() != _names:",
+            "        _keys(v)",
+            *dec_lines,
+            f"    d = {{{', '.join(values)}}}",
+            make,
+            post,
+            "    return o",
+        ])
+        ns["_names"] = self.names
+        exec(compile(source, f"<codec {cls.__name__}>", "exec"), ns)  # generated from annotations only
+        self.encode_map, self.decode_map = ns["encode_map"], ns["decode_map"]
 
-    def encode_map(self, msg: Any, bufs: list) -> dict[str, Any]:
-        out = {}
-        for name, enc, _ in self.fields:
-            value = getattr(msg, name)
-            out[name] = value if enc is None else enc(value, bufs)
-        return out
+    @staticmethod
+    def _field_source(i: int, f: dataclasses.Field, hint: Any, ns: dict[str, Any]) -> str:
+        name = f.name
+        if f.default is not dataclasses.MISSING:
+            ns[f"_default{i}"] = f.default
+            get = f"    x{i} = v[{name!r}] if {name!r} in v else _default{i}"
+        elif f.default_factory is not dataclasses.MISSING:
+            ns[f"_factory{i}"] = f.default_factory
+            get = f"    x{i} = v[{name!r}] if {name!r} in v else _factory{i}()"
+        else:
+            get = f"    x{i} = v[{name!r}]"
+        check = _pred(hint, f"x{i}", ns)
+        slow = f"x{i} = _dec{i}(x{i}, bufs, _p(path, {name!r}))"
+        if check is None:
+            return f"{get}\n    {slow}"
+        return f"{get}\n    if not ({check}):\n        {slow}"
 
-    def decode_map(self, v: Any, bufs: list, path: str) -> Any:
-        if type(v) is not dict:
-            raise DecodeError(BAD_FIELD, f"{path or self.cls.__name__}: expected a map, got {_kind(v)}")
-        unknown = set(v) - self.names
+    def _check_keys(self, v: dict) -> None:
+        unknown = v.keys() - self.names
         if unknown:
             raise DecodeError(BAD_FIELD, f"{self.cls.__name__}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-        missing = self.required - set(v)
+        missing = self.required - v.keys()
         if missing:
             raise DecodeError(BAD_FIELD, f"{self.cls.__name__}: missing field(s) {', '.join(sorted(missing))}")
-        prefix = f"{path}." if path else ""
-        values = {name: dec(v[name], bufs, prefix + name) for name, _, dec in self.fields if name in v}
+
+    def _not_map(self, v: Any, path: str) -> None:
+        raise DecodeError(BAD_FIELD, f"{path or self.cls.__name__}: expected a map, got {_kind(v)}")
+
+    def _post_init(self, obj: Any) -> None:
         try:
-            return self.cls(**values)
-        except (TypeError, ValueError) as e:  # a __post_init__ check of the class itself
+            obj.__post_init__()
+        except (TypeError, ValueError) as e:  # a check the class itself declares
             raise DecodeError(BAD_FIELD, f"{self.cls.__name__}: {e}") from None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 _STRUCTS: dict[type, _Struct] = {}
