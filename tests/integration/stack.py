@@ -1,0 +1,83 @@
+"""Start and stop a whole stack (`fastserve up`) as a child process on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def local_overrides(num_stages: int) -> list[str]:
+    """Endpoints on free loopback ports (stage inboxes included)."""
+    ports = free_ports(4 + num_stages)
+    names = ("client", "ingress", "scheduler", "kvcache")
+    addrs = [f"endpoints.{n}=tcp://127.0.0.1:{p}" for n, p in zip(names, ports)]
+    stages = ",".join(f"tcp://127.0.0.1:{p}" for p in ports[4:])
+    return [*addrs, f"endpoints.stages={stages}", f"parallel.num_stages={num_stages}"]
+
+
+class Stack:
+    """`fastserve up` with the given overrides; `endpoint` is what it printed once ready."""
+
+    def __init__(self, overrides: list[str] = (), num_stages: int = 2, ready_timeout: float = 180.0) -> None:
+        args = [sys.executable, "-m", "services.cli", "up", "--log-level", "warning"]
+        for item in [*local_overrides(num_stages), *overrides]:
+            args += ["--set", item]
+        self.log_lines: list[str] = []
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+        line = self._readline(ready_timeout)
+        if not line.startswith("tcp://"):
+            self.stop()
+            raise RuntimeError(f"stack did not start: {line!r}\n" + "".join(self.log_lines[-40:]))
+        self.endpoint = line.strip()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.log_lines.append(line)
+
+    def _readline(self, timeout: float) -> str:
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return result[0] if result else ""
+
+    def worker_pids(self) -> list[int]:
+        """Pids of this stack's stage workers (children of the launcher)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "services.cli worker"],
+                             capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
