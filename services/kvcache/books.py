@@ -130,7 +130,8 @@ class KVBooks:
     def swap_out(self, job_id: JobId) -> SwapOp | None:
         """Start offloading a DEVICE job; None when the host pool lacks room (nothing changes)."""
         entry = self._require(job_id, Residency.DEVICE)
-        host = self.host.try_allocate(len(entry.device))
+        # Only blocks holding KV travel; room reserved by an upload for a step not yet run does not.
+        host = self.host.try_allocate(min(len(entry.device), self.blocks_for(entry.num_tokens)))
         if host is None:
             return None
         entry.host = host
@@ -148,8 +149,7 @@ class KVBooks:
         device = self.device.try_allocate(max(len(entry.host), self.blocks_for(num_tokens)))
         if device is None:
             return None
-        entry.device = device
-        entry.num_tokens = max(entry.num_tokens, num_tokens)
+        entry.device = device  # num_tokens stays: the extra room holds nothing until the job runs
         entry.state = Residency.SWAPPING_IN
         self.counters["swaps_in"] += 1
         self.counters["blocks_in"] += len(entry.host)

@@ -40,6 +40,7 @@ class _Step:
     order: list[JobId]  # run order without duplicates
     rank: dict[JobId, int]
     protected: set[JobId]  # in this batch or in a batch in flight: never offloaded or dropped
+    in_flight: set[JobId]
     tables: dict[JobId, tuple[int, ...]] = field(default_factory=dict)
     held: list[JobId] = field(default_factory=list)
     short: int = 0  # device blocks that picked jobs lacked for their new tokens
@@ -108,10 +109,9 @@ class Planner:
         soft = step.short + step.waiting + self.headroom - available  # what headroom wants back
         hard = step.short + step.waiting - available  # what the picked jobs need even without headroom
         window = self._window(step)
-        if soft > 0:
-            self._offload(step, soft, exclude=set(window))
-        if hard > 0:
-            self._offload(step, hard - sum(len(op.pairs) for op in step.swap_out), exclude=set())
+        freed = self._offload(step, soft, exclude=set(window)) if soft > 0 else 0
+        if hard > freed:
+            self._offload(step, hard - freed, exclude=set(), drop_when_host_full=True)
         if not step.swap_out:  # never upload in an iteration that offloads: that is how ping-pong starts
             self._upload(step, window)
 
@@ -132,7 +132,7 @@ class Planner:
             else:
                 self._grow_or_hold(step, job, tokens)
         if step.short > books.releasing:
-            self._offload(step, step.short - books.releasing, exclude=set())
+            self._offload(step, step.short - books.releasing, exclude=set(), drop_when_host_full=True)
 
     def _recompute(self, step: _Step) -> None:
         books = self.books
@@ -141,13 +141,7 @@ class Planner:
             if books.state(job) not in (None, Residency.DROPPED, Residency.DEVICE):
                 step.held.append(job)  # a host-side job cannot arise without swaps; never run it from here
                 continue
-            need = books.extra_blocks(job, tokens)
-            reclaimable = sum(len(books.get(v).device) for v in victims)
-            while books.device.num_free < need <= books.device.num_free + reclaimable:
-                victim = victims.pop(0)
-                reclaimable -= len(books.get(victim).device)
-                books.drop(victim)
-                step.dropped.append(victim)
+            self._drop_for(step, books.extra_blocks(job, tokens), victims)
             self._grow_or_hold(step, job, tokens)
 
     def _defer(self, step: _Step) -> None:
@@ -164,6 +158,22 @@ class Planner:
                     self._grow_or_hold(step, job, tokens)
             else:
                 step.held.append(job)
+        if not step.tables and step.held and not step.in_flight and not books.pending_ops():
+            self._unstall(step)
+
+    def _unstall(self, step: _Step) -> None:
+        """Defer would wait forever: nothing runs, nothing is in flight, no memory is coming back.
+        Let the first picked job in, into the headroom or, failing that, over the dropped KV of the
+        idle jobs predicted to run last (then of the later picked jobs)."""
+        job = step.held[0]
+        tokens = step.batch[job]
+        if self.books.state(job) not in (None, Residency.DROPPED, Residency.DEVICE):
+            return
+        later = [j for j in reversed(step.batch) if j != job and self.books.state(j) is Residency.DEVICE]
+        self._drop_for(step, self.books.extra_blocks(job, tokens), self._victims(step, exclude=set()) + later)
+        if self.books.grow(job, tokens):
+            step.held.remove(job)
+            step.tables[job] = self.books.block_table(job)
 
     # ---- pieces --------------------------------------------------------------------------------
     def _grow_or_hold(self, step: _Step, job: JobId, tokens: int) -> None:
@@ -193,14 +203,34 @@ class Planner:
         ]
         return sorted(jobs, key=lambda j: step.rank.get(j, _UNRANKED), reverse=True)
 
-    def _offload(self, step: _Step, blocks: int, exclude: set[JobId]) -> None:
+    def _offload(self, step: _Step, blocks: int, exclude: set[JobId], drop_when_host_full: bool = False) -> int:
+        """Start offloading victims until `blocks` device blocks are on their way back; returns how many.
+        With a full host pool, a victim's KV is dropped instead when picked jobs need the room."""
+        released = 0
         for job in self._victims(step, exclude):
-            if blocks <= 0:
-                return
+            if released >= blocks:
+                break
+            size = len(self.books.get(job).device)
             op = self.books.swap_out(job)
             if op is not None:
                 step.swap_out.append(op)
-                blocks -= len(op.pairs)
+            elif drop_when_host_full:
+                self.books.drop(job)
+                step.dropped.append(job)
+            else:
+                continue
+            released += size
+        return released
+
+    def _drop_for(self, step: _Step, need: int, victims: list[JobId]) -> None:
+        """Drop victims (in order) until `need` device blocks are free, if they can make that much."""
+        books = self.books
+        reclaimable = sum(len(books.get(v).device) for v in victims)
+        while books.device.num_free < need <= books.device.num_free + reclaimable:
+            victim = victims.pop(0)
+            reclaimable -= len(books.get(victim).device)
+            books.drop(victim)
+            step.dropped.append(victim)
 
     def _upload(self, step: _Step, window: list[JobId]) -> None:
         # Picked jobs may use the headroom (they are needed now, like arrivals); predicted ones may not.
@@ -235,7 +265,7 @@ class Planner:
         rank: dict[JobId, int] = {}
         for i, job in enumerate(run_order):
             rank.setdefault(job, i)
-        return _Step(picked, list(rank), rank, set(picked) | flying)
+        return _Step(picked, list(rank), rank, set(picked) | flying, flying)
 
     # ---- the rest of the API -------------------------------------------------------------------
     def ack(self, op_id: int, stage: int = 0) -> bool:
