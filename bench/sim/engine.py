@@ -146,8 +146,12 @@ class Simulator:
                 job.status = JobStatus.PREEMPTED
                 job.preemptions += 1
         self.ran_last.clear()
-        prefill = [job.num_new_tokens for job in batch if job.is_prefill]
-        decode = [job.context_len for job in batch if not job.is_prefill]
+        prefill, decode = [], []
+        for job in batch:
+            if job.is_prefill:
+                prefill.append(job.num_new_tokens)
+            else:
+                decode.append(job.context_len)
         iteration_s = self.cost.iteration_time(prefill, decode)
         stage_s = iteration_s / self.stages
         # swaps ride on their own stream; a batch cannot start before its uploads have landed

@@ -276,3 +276,20 @@ def test_decision_time_with_10000_queued_jobs_under_1ms(name):
         run(policy, batch, 0.02, now)
     worst.sort()
     assert worst[len(worst) // 2] < 1e-3
+
+
+def test_starvation_promotions_are_capped_per_check_longest_wait_first():
+    config = SchedulerConfig(max_jobs=2, starvation_limit_s=3.0, num_levels=3)
+    policy = MLFQ(config)
+    jobs = make_jobs([4] * 20)
+    for k, job in enumerate(jobs):
+        job.arrival_s = k * 0.01
+        policy.add(job, job.arrival_s)
+    for job in jobs:  # put everyone at level 2 without running anyone
+        policy.demote(job)
+        policy.demote(job)
+    policy.schedule(10.0, always)
+    assert policy.promotions == 8  # 4 x max_jobs
+    assert list(policy.levels[0]) == list(range(8))
+    policy.schedule(10.0, always)  # the backlog continues at the next call, whatever the period
+    assert policy.promotions == 16

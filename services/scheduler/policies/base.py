@@ -80,18 +80,22 @@ class Policy(abc.ABC):
         for job in candidates:
             if not can_run(job):
                 skipped += 1
-            elif job.is_prefill and job.num_new_tokens > budget:
-                if not batch and job.num_new_tokens > limit:
-                    return [job]
-                skipped += 1
-            else:
-                if job.is_prefill:
-                    budget -= job.num_new_tokens
-                batch.append(job)
-                if len(batch) >= max_jobs:
+                if skipped > MAX_SKIPPED:
                     break
                 continue
-            if skipped > MAX_SKIPPED:
+            # job.num_new_tokens and job.is_prefill, inlined: this loop is the scheduler's hot path
+            new = job.prompt_len + job.num_generated - job.num_computed
+            if new > 1 or job.num_generated == 0:
+                if new > budget:
+                    if not batch and new > limit:
+                        return [job]
+                    skipped += 1
+                    if skipped > MAX_SKIPPED:
+                        break
+                    continue
+                budget -= new
+            batch.append(job)
+            if len(batch) >= max_jobs:
                 break
         return batch
 
