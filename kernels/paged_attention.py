@@ -1,9 +1,10 @@
 """Paged attention, torch reference: write new K/V into pool slots and attend over each job's block table.
 
-Pool layout: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (see workers/model/layout.py).
-Token t of a job sits in block table[t // block_size] at offset t % block_size. All addressing is
-precomputed once per step (AttnMeta) as flat row indices into the pool viewed as [rows, kv_heads, head_dim],
-so each layer only adds its layer offset: no Python loop over tokens anywhere.
+Pool layout: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (workers/model/layout.py).
+A "chunk" is the [block_size, head_dim] slab of one (block, layer, K|V, kv head); gathering a job's
+chunks in table order yields its K as [kv_heads, tokens, head_dim], already contiguous in the layout
+attention wants, so the gather is the only copy. All addressing is precomputed once per step
+(AttnMeta) as flat chunk/row indices; each layer adds its own offset. No Python loop over tokens.
 """
 
 from __future__ import annotations
@@ -19,70 +20,78 @@ class PrefillSpan:
     start: int  # first row of the job in the flattened step
     length: int  # new tokens
     context_len: int  # tokens already cached
-    slots: torch.Tensor | None  # [context_len + length] K rows of layer 0; None when context_len == 0
+    chunks: torch.Tensor | None  # [kv_heads, blocks] K chunks of layer 0; None when context_len == 0
 
 
 @dataclass(frozen=True)
 class AttnMeta:
     positions: torch.Tensor  # [T] int64, position of each new token in its job
-    slots: torch.Tensor  # [T] int64, K row of layer 0 where each new token's K goes
-    layer_stride: int  # rows between one layer's K and the next layer's K
-    block_size: int  # rows between a K row and its V row
+    rows: torch.Tensor  # [T * kv_heads] int64, pool row (of layer 0's K) of each new token and kv head
+    layer_chunks: int  # chunks between one layer's K and the next layer's K
+    v_chunks: int  # chunks between a K chunk and its V chunk
+    block_size: int  # rows per chunk
     decode_rows: torch.Tensor | None  # [D] rows of the step holding single-token (decode) jobs
-    decode_slots: torch.Tensor | None  # [D, L] K rows of layer 0 of each decode job's context (padded)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, L] bool, True where a position is attended
+    decode_chunks: torch.Tensor | None  # [D, kv_heads, blocks] K chunks of layer 0 (padded with chunk 0)
+    decode_mask: torch.Tensor | int | None  # [D, 1, 1, blocks * block_size] bool, True where attended;
+    # an int when every decode job attends the same number of tokens (then K/V are sliced, no mask)
     prefills: tuple[PrefillSpan, ...]  # jobs with more than one new token, attended one by one
 
 
 def build_meta(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-               block_size: int, num_layers: int, device: torch.device) -> AttnMeta:
-    """Addressing for one step; the pool has num_layers layers per block."""
+               block_size: int, num_layers: int, num_kv_heads: int, device: torch.device) -> AttnMeta:
+    """Addressing for one step; the pool holds num_layers layers per block."""
     n = len(query_lens)
     width = max(len(t) for t in block_tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
     qlens = torch.tensor(query_lens, dtype=torch.long)
     ctx = torch.tensor(context_lens, dtype=torch.long)
-    block_rows = num_layers * 2 * block_size  # rows per block
+    block_chunks = num_layers * 2 * num_kv_heads  # chunks per block
+    heads = torch.arange(num_kv_heads)
     job = torch.repeat_interleave(torch.arange(n), qlens)
     starts = torch.cumsum(qlens, 0) - qlens
     pos = torch.arange(int(qlens.sum())) - starts[job] + ctx[job]
-    slots = table[job, pos // block_size] * block_rows + pos % block_size
+    chunk = table[job, pos // block_size][:, None] * block_chunks + heads[None, :]
+    rows = (chunk * block_size + (pos % block_size)[:, None]).reshape(-1)
+
+    def chunks_of(tables: torch.Tensor) -> torch.Tensor:  # [..., blocks] -> [..., kv_heads, blocks]
+        return tables.unsqueeze(-2) * block_chunks + heads[:, None]
 
     decode = [i for i in range(n) if query_lens[i] == 1]
-    decode_rows = decode_slots = decode_mask = None
+    decode_rows = decode_chunks = decode_mask = None
     if decode:
         d = torch.tensor(decode, dtype=torch.long)
         total = ctx[d] + 1
-        span = torch.arange(int(total.max()))
-        mask = span[None, :] < total[:, None]
-        at = torch.where(mask, span[None, :], 0)  # padding reads position 0, then is masked out
-        decode_slots = (table[d[:, None], at // block_size] * block_rows + at % block_size).to(device)
+        used = int(-(-total.max() // block_size))
+        decode_chunks = chunks_of(table[d, :used]).to(device)
+        if bool((total == total[0]).all()):  # equal lengths (the benchmark case): slice instead of masking
+            decode_mask = int(total[0])
+        else:
+            decode_mask = (torch.arange(used * block_size)[None, :] < total[:, None])[:, None, None, :].to(device)
         decode_rows = starts[d].to(device)
-        decode_mask = mask[:, None, None, :].to(device)
     prefills = []
     for i in range(n):
         if query_lens[i] == 1:
             continue
         c, q = context_lens[i], query_lens[i]
-        span_slots = None
-        if c:
-            at = torch.arange(c + q)
-            span_slots = (table[i, at // block_size] * block_rows + at % block_size).to(device)
-        prefills.append(PrefillSpan(int(starts[i]), q, c, span_slots))
-    return AttnMeta(pos.to(device), slots.to(device), 2 * block_size, block_size,
-                    decode_rows, decode_slots, decode_mask, tuple(prefills))
+        span = chunks_of(table[i, :-(-(c + q) // block_size)]).to(device) if c else None
+        prefills.append(PrefillSpan(int(starts[i]), q, c, span))
+    return AttnMeta(pos.to(device), rows.to(device), 2 * num_kv_heads, num_kv_heads, block_size,
+                    decode_rows, decode_chunks, decode_mask, tuple(prefills))
 
 
 def store_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> None:
     """Write new K/V [T, kv_heads, head_dim] of one layer (index within the stage) into their slots."""
-    rows = pool.view(-1, pool.shape[-2], pool.shape[-1])
-    base = meta.slots + layer * meta.layer_stride
-    rows.index_copy_(0, base, k)
-    rows.index_copy_(0, base + meta.block_size, v)
+    rows = pool.view(-1, pool.shape[-1])
+    base = meta.rows + layer * meta.layer_chunks * meta.block_size
+    rows.index_copy_(0, base, k.reshape(-1, k.shape[-1]))
+    rows.index_copy_(0, base + meta.v_chunks * meta.block_size, v.reshape(-1, v.shape[-1]))
 
 
-def _gather(rows: torch.Tensor, slots: torch.Tensor, offset: int) -> torch.Tensor:
-    return rows.index_select(0, (slots + offset).reshape(-1)).view(*slots.shape, *rows.shape[1:])
+def _gather(pool: torch.Tensor, chunks: torch.Tensor, offset: int) -> torch.Tensor:
+    """[..., kv_heads, blocks] chunk ids -> [..., kv_heads, blocks * block_size, head_dim]."""
+    flat = pool.view(-1, pool.shape[-2], pool.shape[-1])
+    got = flat.index_select(0, (chunks + offset).reshape(-1))
+    return got.view(*chunks.shape[:-1], chunks.shape[-1] * pool.shape[-2], pool.shape[-1])
 
 
 def paged_attention(pool: torch.Tensor, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -96,28 +105,31 @@ def paged_attention(pool: torch.Tensor, layer: int, q: torch.Tensor, k: torch.Te
     kv_heads = k.shape[1]
     group = heads // kv_heads
     out = torch.empty(t, heads, dim, dtype=q.dtype, device=q.device)
-    rows = pool.view(-1, pool.shape[-2], pool.shape[-1])
-    off = layer * meta.layer_stride
+    off = layer * meta.layer_chunks
     if meta.decode_rows is not None:
         # each kv head's `group` queries act as a short query sequence: GQA without repeating K/V
         qd = q.index_select(0, meta.decode_rows).view(-1, kv_heads, group, dim)
-        kc = _gather(rows, meta.decode_slots, off).transpose(1, 2)
-        vc = _gather(rows, meta.decode_slots, off + meta.block_size).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale)
+        kc = _gather(pool, meta.decode_chunks, off)
+        vc = _gather(pool, meta.decode_chunks, off + meta.v_chunks)
+        mask = meta.decode_mask
+        if isinstance(mask, int):
+            kc, vc, mask = kc[:, :, :mask], vc[:, :, :mask], None
+        od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, scale=scale)
         out.index_copy_(0, meta.decode_rows, od.reshape(-1, heads, dim))
     for p in meta.prefills:
         qp = q[p.start:p.start + p.length].transpose(0, 1)[None]
-        if p.slots is None:
-            kp, vp = k[p.start:p.start + p.length], v[p.start:p.start + p.length]
+        if p.chunks is None:
+            kp = k[p.start:p.start + p.length].transpose(0, 1)[None]
+            vp = v[p.start:p.start + p.length].transpose(0, 1)[None]
             mask, causal = None, True
         else:
-            kp, vp = _gather(rows, p.slots, off), _gather(rows, p.slots, off + meta.block_size)
-            keys = torch.arange(p.context_len + p.length, device=q.device)
+            n = p.context_len + p.length
+            kp = _gather(pool, p.chunks, off)[None, :, :n]
+            vp = _gather(pool, p.chunks, off + meta.v_chunks)[None, :, :n]
+            keys = torch.arange(n, device=q.device)
             mask = keys[None, :] <= (torch.arange(p.length, device=q.device)[:, None] + p.context_len)
             causal = False
-        kp, vp = kp.transpose(0, 1)[None], vp.transpose(0, 1)[None]
-        if group > 1:
-            kp, vp = kp.repeat_interleave(group, dim=1), vp.repeat_interleave(group, dim=1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale,
+                                            enable_gqa=group > 1)
         out[p.start:p.start + p.length] = op[0].transpose(0, 1)
     return out.view(t, heads * dim)

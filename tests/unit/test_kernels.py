@@ -26,19 +26,19 @@ def dense(q, k, v, context):
 def test_paged_attention_matches_dense_for_mixed_jobs():
     g = torch.Generator().manual_seed(0)
     query_lens, context_lens = [1, 7, 1, 3, 5], [9, 0, 0, 6, 0]
-    pool = torch.zeros(40, LAYERS, 2, BS, KVH, DIM)
+    pool = torch.zeros(40, LAYERS, 2, KVH, BS, DIM)
     free = random.Random(1).sample(range(40), 40)
     tables = [[free.pop() for _ in range(-(-(q + c) // BS))] for q, c in zip(query_lens, context_lens)]
     history = []  # per job, the full K/V sequence (context then new) of layer 1
     for c, table in zip(context_lens, tables):  # fill each job's cached context directly
         k, v = torch.randn(c, KVH, DIM, generator=g), torch.randn(c, KVH, DIM, generator=g)
         for t in range(c):
-            pool[table[t // BS], 1, 0, t % BS], pool[table[t // BS], 1, 1, t % BS] = k[t], v[t]
+            pool[table[t // BS], 1, 0, :, t % BS], pool[table[t // BS], 1, 1, :, t % BS] = k[t], v[t]
         history.append((k, v))
     total = sum(query_lens)
     q = torch.randn(total, HEADS, DIM, generator=g)
     k, v = torch.randn(total, KVH, DIM, generator=g), torch.randn(total, KVH, DIM, generator=g)
-    meta = build_meta(query_lens, context_lens, tables, BS, LAYERS, torch.device("cpu"))
+    meta = build_meta(query_lens, context_lens, tables, BS, LAYERS, KVH, torch.device("cpu"))
     assert meta.positions.tolist() == [9, *range(7), 0, 6, 7, 8, *range(5)]
     store_kv(pool, 1, k, v, meta)
     out = paged_attention(pool, 1, q, k, v, meta, DIM ** -0.5)
@@ -85,3 +85,19 @@ def test_copy_blocks_rejects_bad_input():
     with pytest.raises(ValueError, match="shapes differ"):
         copy_blocks(src, torch.zeros(4, 3, 3), [0], [0])
     copy_blocks(src, dst, [], [])  # nothing to do is fine
+
+
+def test_equal_length_decodes_take_the_unmasked_path_and_match_dense():
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randn(12, LAYERS, 2, KVH, BS, DIM, generator=g)
+    tables = [[3, 7], [11, 0]]
+    meta = build_meta([1, 1], [5, 5], tables, BS, LAYERS, KVH, torch.device("cpu"))
+    assert meta.decode_mask == 6
+    q = torch.randn(2, HEADS, DIM, generator=g)
+    k, v = torch.randn(2, KVH, DIM, generator=g), torch.randn(2, KVH, DIM, generator=g)
+    store_kv(pool, 0, k, v, meta)
+    out = paged_attention(pool, 0, q, k, v, meta, DIM ** -0.5)
+    for j, table in enumerate(tables):
+        ks = torch.stack([pool[table[t // BS], 0, 0, :, t % BS] for t in range(6)])
+        vs = torch.stack([pool[table[t // BS], 0, 1, :, t % BS] for t in range(6)])
+        torch.testing.assert_close(out[j:j + 1], dense(q[j:j + 1], ks, vs, 5), rtol=1e-5, atol=1e-5)

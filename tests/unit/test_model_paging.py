@@ -36,7 +36,7 @@ def test_stage_layers_are_balanced_and_cover_all_layers():
     assert stage_layers(4, 1) == [(0, 4)]
     assert stage_layers(4, 2) == [(0, 2), (2, 4)]
     assert stage_layers(7, 3) == [(0, 3), (3, 5), (5, 7)]
-    assert block_shape(default_spec(), 1, 3, 16) == (2, 2, 16, 4, 32)
+    assert block_shape(default_spec(), 1, 3, 16) == (2, 2, 4, 16, 32)
     assert blocks_needed(17, 16) == 2 and blocks_needed(16, 16) == 1
 
 

@@ -42,13 +42,17 @@ class LlamaStage:
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.w["embed"])
 
-    def layer(self, i: int, h: torch.Tensor, pool: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    def prepare(self, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step values shared by every layer: RoPE cos and sin [T, 1, head_dim] of the new tokens."""
+        return self.cos[meta.positions][:, None, :], self.sin[meta.positions][:, None, :]
+
+    def layer(self, i: int, h: torch.Tensor, pool: torch.Tensor, meta: AttnMeta, rope) -> torch.Tensor:
         s, w, p = self.spec, self.w, f"layers.{i}."
         x = rms_norm(h, w[p + "in_norm"], s.norm_eps)
         qkv = F.linear(x, w[p + "qkv"], w.get(p + "qkv_bias"))
         t = h.shape[0]
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        cos, sin = self.cos[meta.positions][:, None, :], self.sin[meta.positions][:, None, :]
+        cos, sin = rope
         q = _rotate(q.view(t, s.num_heads, s.head_dim), cos, sin)
         k = _rotate(k.view(t, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.view(t, s.num_kv_heads, s.head_dim)

@@ -26,7 +26,11 @@ class OPTStage:
             x = F.linear(x, self.w["project_in"])
         return x + F.embedding(positions + self.spec.position_offset, self.w["pos_embed"])
 
-    def layer(self, i: int, h: torch.Tensor, pool: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    def prepare(self, meta: AttnMeta) -> None:
+        """Nothing per step: OPT adds positions once, at the embedding."""
+        return None
+
+    def layer(self, i: int, h: torch.Tensor, pool: torch.Tensor, meta: AttnMeta, extra=None) -> torch.Tensor:
         s, w, p = self.spec, self.w, f"layers.{i}."
         t = h.shape[0]
         x = self._norm(h, p + "attn_norm") if s.pre_norm else h

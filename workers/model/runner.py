@@ -81,13 +81,14 @@ class StageRunner:
             if q + c > self.spec.max_context:
                 raise ModelError(f"{q + c} tokens exceed the model's context of {self.spec.max_context}")
         meta = build_meta(step.query_lens, step.context_lens, step.block_tables, self.block_size,
-                          self.hi - self.lo, self.device)
+                          self.hi - self.lo, self.spec.num_kv_heads, self.device)
         if self.is_first:
             h = self.model.embed(step.token_ids.to(self.device), meta.positions)
         else:
             h = step.hidden.to(self.device, self.dtype)
+        extra = self.model.prepare(meta)
         for i in range(self.lo, self.hi):
-            h = self.model.layer(i, h, self.kv, meta)
+            h = self.model.layer(i, h, self.kv, meta, extra)
         if not self.is_last:
             return h
         last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
