@@ -53,6 +53,7 @@ class JobBlocks:
     num_tokens: int  # tokens whose KV the blocks hold (after the last planned step)
     device: list[int] = field(default_factory=list)  # block table in the device pool
     host: list[int] = field(default_factory=list)  # blocks in the host pool
+    host_tokens: int = 0  # tokens whose KV the host blocks hold
     op_id: int | None = None  # the copy in flight, if any
     freed: bool = False  # finished or cancelled while its copy was in flight
 
@@ -134,7 +135,7 @@ class KVBooks:
         host = self.host.try_allocate(min(len(entry.device), self.blocks_for(entry.num_tokens)))
         if host is None:
             return None
-        entry.host = host
+        entry.host, entry.host_tokens = host, entry.num_tokens
         entry.state = Residency.SWAPPING_OUT
         self.releasing += len(entry.device)
         self.counters["swaps_out"] += 1
@@ -219,7 +220,8 @@ class KVBooks:
                 self.host.free(entry.host)
                 entry.host, entry.state = [], Residency.DROPPED
             else:
-                entry.state = Residency.HOST
+                # Steps run since the upload (reactive runs during it) are lost with the device pool.
+                entry.state, entry.num_tokens = Residency.HOST, entry.host_tokens
         self._pending.clear()
         self.releasing = 0
         dropped: list[JobId] = []

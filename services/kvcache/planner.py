@@ -126,6 +126,7 @@ class Planner:
                     step.short += books.blocks_for(tokens)
                 else:  # runs now; the worker makes its compute wait for this copy
                     step.swap_in.append(op)
+                    books.grow(job, tokens)  # room is reserved already; this records the step's tokens
                     step.tables[job] = books.block_table(job)
             elif state is Residency.SWAPPING_OUT:
                 step.held.append(job)

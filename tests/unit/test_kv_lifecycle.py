@@ -83,6 +83,21 @@ def test_device_lost_keeps_host_copies_and_writes_off_copies_in_flight():
     assert books.is_whole() and books.counters["ops_cancelled"] == 3
 
 
+def test_device_lost_rolls_an_upload_back_to_the_tokens_its_host_copy_holds():
+    p = make_planner("reactive", device=8, host=16, headroom=0)
+    p.plan({"a": 6}, ["a"])
+    assert p.plan({"b": 32}, ["b", "a"]).swap_out  # a leaves
+    p.ack(p.books.get("a").op_id)
+    p.free("b")
+    plan = p.plan({"a": 7}, ["a"])  # reactive: a runs while its upload is in flight
+    assert list(plan.block_tables) == ["a"] and p.books.get("a").num_tokens == 7
+    assert p.device_lost() == ()
+    entry = p.books.get("a")
+    assert entry.state is Residency.HOST and entry.num_tokens == 6  # the 7th token's step was lost
+    p.free("a")
+    assert p.is_whole()
+
+
 # ---- a randomized serving loop ------------------------------------------------------------------
 
 
