@@ -58,8 +58,9 @@ class KVMemory:
         self.settle(now)
         if not batch:
             return batch, 0.0
-        order = policy.run_order(now)
-        plan = self.planner.plan({job.job_id: job.context_len for job in batch}, [j.job_id for j in order], in_flight)
+        tokens = {job.job_id: job.context_len for job in batch}
+        order = policy.run_order(now) if self.needs_order(tokens) else []
+        plan = self.planner.plan(tokens, [j.job_id for j in order], in_flight)
         by_id = {job.job_id: job for job in order} if plan.dropped else {}
         for job_id in plan.dropped:
             by_id[job_id].num_computed = 0  # resumes by recomputing prompt + generated tokens
@@ -74,6 +75,16 @@ class KVMemory:
             if op.direction is Direction.IN and op.job_id in plan.block_tables:
                 wait = max(wait, done - now)  # reactive: compute waits for this upload
         return [job for job in batch if job.job_id in plan.block_tables], wait
+
+    def needs_order(self, tokens: dict[int, int]) -> bool:
+        """Whether the plan can depend on the run order. It cannot while nothing is on the host or
+        moving and the batch's new blocks leave the headroom free: then the planner neither offloads
+        nor uploads, so the O(n) run order is skipped (the plan is the same without it)."""
+        books = self.books
+        if books.host.num_used or self.copies or books.releasing:
+            return True
+        need = sum(books.extra_blocks(job_id, n) for job_id, n in tokens.items())
+        return books.device.num_free - need <= self.planner.headroom
 
     def release(self, job: Job) -> None:
         self.planner.free(job.job_id)

@@ -6,6 +6,7 @@ import pytest
 
 from bench.sim.engine import simulate
 from bench.sim.kv import kv_memory_factory
+from bench.sim.memory import UnlimitedMemory
 from bench.workloads import Request, Workload
 from common.config import CacheConfig, SchedulerConfig
 from services.scheduler.policies import make_policy
@@ -42,8 +43,7 @@ def run(mode, rows, policy="mlfq", max_jobs=2, headroom=0):
 def test_every_mode_finishes_all_jobs_and_returns_all_blocks(mode):
     # three jobs of 2-3 blocks each on a 4-block device: they cannot all be resident at once
     rows = [(0.0, 30, 6), (0.0, 30, 6), (0.5, 40, 4), (3.0, 20, 3)]
-    # defer never moves KV: with no headroom two started jobs can each wait for the other's block
-    result, memory = run(mode, rows, headroom=1 if mode == "defer" else 0)
+    result, memory = run(mode, rows)
     assert sorted(r.request_id for r in result.records) == [0, 1, 2, 3]
     assert [r.output_len for r in sorted(result.records, key=lambda r: r.request_id)] == [6, 6, 4, 3]
     memory.settle(float("inf"))
@@ -72,5 +72,11 @@ def test_job_that_can_never_fit_is_rejected_at_admission():
 
 
 def test_a_stuck_memory_state_is_reported_not_looped():
-    with pytest.raises(RuntimeError, match="stuck"):
-        run("defer", [(0.0, 30, 6), (0.0, 30, 6)], headroom=0)
+    class HoldAll(UnlimitedMemory):
+        def prepare(self, batch, policy, in_flight, now):
+            return [], 0.0
+
+    wl = Workload((Request(0, 0.0, 4, 2),))
+    sched = SchedulerConfig(policy="fcfs")
+    with pytest.raises(RuntimeError, match="stuck at t=3.2"):
+        simulate(wl, make_policy(sched), SmallCost(), HoldAll())
