@@ -78,6 +78,7 @@ class KVBooks:
         self.block_size = block_size
         self.num_stages = num_stages
         self._jobs: dict[JobId, JobBlocks] = {}
+        self._resident: dict[JobId, None] = {}  # jobs in DEVICE state (the offload candidates), kept in step
         self._pending: dict[int, _Pending] = {}
         self._cancelled: set[int] = set()
         self._next_op = 0
@@ -100,6 +101,10 @@ class KVBooks:
 
     def jobs(self) -> Iterator[JobBlocks]:
         return iter(self._jobs.values())
+
+    def resident(self) -> list[JobId]:
+        """Jobs in DEVICE state."""
+        return list(self._resident)
 
     def pending_ops(self) -> tuple[int, ...]:
         return tuple(self._pending)
@@ -126,6 +131,8 @@ class KVBooks:
         entry.device.extend(ids)
         entry.num_tokens = num_tokens
         self._jobs[job_id] = entry
+        if entry.state is Residency.DEVICE:
+            self._resident[job_id] = None
         return True
 
     def swap_out(self, job_id: JobId) -> SwapOp | None:
@@ -137,6 +144,7 @@ class KVBooks:
             return None
         entry.host, entry.host_tokens = host, entry.num_tokens
         entry.state = Residency.SWAPPING_OUT
+        del self._resident[job_id]
         self.releasing += len(entry.device)
         self.counters["swaps_out"] += 1
         self.counters["blocks_out"] += len(host)
@@ -162,6 +170,7 @@ class KVBooks:
         self.device.free(entry.device)
         entry.device, entry.num_tokens = [], 0
         entry.state = Residency.DROPPED
+        del self._resident[job_id]
         self.counters["dropped"] += 1
 
     def ack(self, op_id: int, stage: int = 0) -> bool:
@@ -187,6 +196,8 @@ class KVBooks:
         else:
             self.host.free(entry.host)
             entry.host, entry.state = [], Residency.DEVICE
+            if not entry.freed:
+                self._resident[entry.job_id] = None
         if entry.freed:
             self._release(entry)
         return True
@@ -196,6 +207,7 @@ class KVBooks:
         entry = self._jobs.pop(job_id, None)
         if entry is None:
             return False
+        self._resident.pop(job_id, None)
         if entry.op_id is None:
             self._release(entry)
         else:
@@ -223,6 +235,7 @@ class KVBooks:
                 # Steps run since the upload (reactive runs during it) are lost with the device pool.
                 entry.state, entry.num_tokens = Residency.HOST, entry.host_tokens
         self._pending.clear()
+        self._resident.clear()
         self.releasing = 0
         dropped: list[JobId] = []
         for entry in self._jobs.values():

@@ -37,7 +37,7 @@ class _Step:
     """Scratch state of one plan() call."""
 
     batch: dict[JobId, int]
-    order: list[JobId]  # run order without duplicates
+    order: list[JobId]  # the run order as given
     rank: dict[JobId, int]
     protected: set[JobId]  # in this batch or in a batch in flight: never offloaded or dropped
     in_flight: set[JobId]
@@ -137,12 +137,15 @@ class Planner:
 
     def _recompute(self, step: _Step) -> None:
         books = self.books
-        victims = self._victims(step, exclude=set())
+        victims: list[JobId] | None = None  # found only when some job does not fit
         for job, tokens in step.batch.items():
             if books.state(job) not in (None, Residency.DROPPED, Residency.DEVICE):
                 step.held.append(job)  # a host-side job cannot arise without swaps; never run it from here
                 continue
-            self._drop_for(step, books.extra_blocks(job, tokens), victims)
+            need = books.extra_blocks(job, tokens)
+            if need > books.device.num_free:
+                victims = self._victims(step, exclude=set()) if victims is None else victims
+                self._drop_for(step, need, victims)
             self._grow_or_hold(step, job, tokens)
 
     def _defer(self, step: _Step) -> None:
@@ -197,11 +200,7 @@ class Planner:
 
     def _victims(self, step: _Step, exclude: set[JobId]) -> list[JobId]:
         """Device-resident jobs that may leave, the one predicted to run last first."""
-        jobs = [
-            e.job_id
-            for e in self.books.jobs()
-            if e.state is Residency.DEVICE and e.job_id not in step.protected and e.job_id not in exclude
-        ]
+        jobs = [j for j in self.books.resident() if j not in step.protected and j not in exclude]
         return sorted(jobs, key=lambda j: step.rank.get(j, _UNRANKED), reverse=True)
 
     def _offload(self, step: _Step, blocks: int, exclude: set[JobId], drop_when_host_full: bool = False) -> int:
@@ -263,10 +262,9 @@ class Planner:
                     f"job {job!r} needs {self.books.blocks_for(tokens)} blocks but the device pool has "
                     f"{self.books.device.num_blocks}; reject such jobs at admission (can_ever_fit)"
                 )
-        rank: dict[JobId, int] = {}
-        for i, job in enumerate(run_order):
-            rank.setdefault(job, i)
-        return _Step(picked, list(rank), rank, set(picked) | flying, flying)
+        order = list(run_order)
+        rank = dict(zip(reversed(order), range(len(order) - 1, -1, -1)))  # a repeated job keeps its first place
+        return _Step(picked, order, rank, set(picked) | flying, flying)
 
     # ---- the rest of the API -------------------------------------------------------------------
     def ack(self, op_id: int, stage: int = 0) -> bool:

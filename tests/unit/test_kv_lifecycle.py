@@ -163,6 +163,7 @@ class FakeStack:
         owned_d = [b for e in books.jobs() for b in e.device]
         owned_h = [b for e in books.jobs() for b in e.host]
         assert len(owned_d) == len(set(owned_d)) and len(owned_h) == len(set(owned_h))
+        assert set(books.resident()) == {e.job_id for e in books.jobs() if e.state is Residency.DEVICE}
         assert len(owned_d) + books.device.num_free <= books.device.num_blocks
         assert len(owned_h) + books.host.num_free <= books.host.num_blocks
 
