@@ -8,7 +8,6 @@ page-lock exactly its own slice with cudaHostRegister.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
