@@ -1,0 +1,65 @@
+"""Container health check of one process of the stack, from the shared config; exit 0 when healthy.
+
+ingress: healthy once it answers a stats query, which it does only after the scheduler has relayed the
+ready handshakes of kvcache and every worker (the stack is ready). scheduler, kvcache, worker: healthy
+once the process's inbox accepts connections; each binds it after loading (model, host pool) and sends
+its ready handshake right after binding.
+
+    python deploy/healthcheck.py --config FILE ingress|scheduler|kvcache|worker [--stage K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+
+from common import config as config_mod
+
+ROLES = ("ingress", "scheduler", "kvcache", "worker")
+
+
+def inbox(config: config_mod.Config, role: str, stage: int) -> str:
+    ep = config.endpoints
+    return {"ingress": ep.client, "scheduler": ep.scheduler, "kvcache": ep.kvcache}.get(role) or ep.stage(stage)
+
+
+def port_open(address: str, timeout: float) -> bool:
+    if not address.startswith("tcp://"):
+        raise ValueError(f"health checks need tcp endpoints, got {address!r}")
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+async def stack_ready(address: str, timeout: float) -> bool:
+    from common.client import AsyncClient, FastServeError
+
+    async with AsyncClient(address, timeout=timeout) as client:
+        try:
+            await client.stats()
+            return True
+        except FastServeError:  # unavailable while starting, or no answer within the timeout
+            return False
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="healthcheck", description="health check of one stack process")
+    p.add_argument("--config", required=True)
+    p.add_argument("role", choices=ROLES)
+    p.add_argument("--stage", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    args = p.parse_args(argv)
+    config = config_mod.load(args.config)
+    address = inbox(config, args.role, args.stage)
+    healthy = asyncio.run(stack_ready(address, args.timeout)) if args.role == "ingress" else port_open(address, args.timeout)
+    print(f"{args.role}: {'healthy' if healthy else 'not ready'} ({address})")
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,149 @@
+"""docker-compose.yml describes a working stack: it validates, and its services run as local processes.
+
+The local run takes each service of the `cpu` profile with the compose file's own entrypoint, command,
+environment, start order and health checks, and the mounted config with every service hostname mapped to
+127.0.0.1 (each address on a free port, so the run never collides with another stack on this machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bench import workloads
+from bench.loadtest.driver import run_load
+from bench.loadtest.plan import make_plan
+from common.client import Client
+from stack import free_ports
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+CONTAINER_CONFIG = "/etc/fastserve/config.toml"
+ADDRESS = re.compile(r'tcp://([A-Za-z0-9_.-]+):(\d+)')
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def services_of(profile: str) -> dict[str, dict]:
+    return {name: svc for name, svc in compose()["services"].items() if not svc.get("profiles") or profile in svc["profiles"]}
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (apt-get install docker-compose)")
+@pytest.mark.parametrize("profile", ["cpu", "gpu"], ids=["cpu-profile", "cuda-profile"])  # "gpu" would mark it CUDA-only
+def test_compose_file_passes_docker_compose_config(profile):
+    out = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", profile, "config"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = yaml.safe_load(out.stdout)["services"]
+    assert rendered["ingress"]["ports"][0]["target"] == 5555
+    assert rendered["kvcache"]["ipc"] == "shareable"
+    assert rendered["worker1-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_compose_services_and_mounts():
+    cpu, gpu = services_of("cpu"), services_of("gpu")
+    assert sorted(cpu) == ["ingress", "kvcache", "scheduler", "worker0", "worker1"]
+    assert sorted(gpu) == ["ingress", "kvcache", "scheduler", "worker0-gpu", "worker1-gpu"]
+    for svc in cpu.values():
+        assert any(v.endswith(f":{CONTAINER_CONFIG}:ro") for v in svc["volumes"])  # one shared config
+        assert "test" in svc["healthcheck"]
+    for name in ("worker0-gpu", "worker1-gpu"):
+        assert gpu[name]["ipc"] == "service:kvcache" and gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+
+
+def local_config(tmp_path: Path, service_names: set[str]) -> Path:
+    """The mounted config with every `tcp://SERVICE:PORT` on 127.0.0.1 and a free port, and its own host pool."""
+    mount = next(v for v in compose()["services"]["ingress"]["volumes"] if v.split(":")[1] == CONTAINER_CONFIG)
+    text = (ROOT / mount.split(":")[0]).read_text()
+    found = sorted(set(ADDRESS.findall(text)))
+    assert {host for host, _ in found} <= service_names, f"config names hosts that are not services: {found}"
+    ports = dict(zip(found, free_ports(len(found))))
+    text = ADDRESS.sub(lambda m: f"tcp://127.0.0.1:{ports[(m.group(1), m.group(2))]}", text)
+    text = re.sub(r'host_pool = "[^"]*"', f'host_pool = "fastserve_compose_{uuid.uuid4().hex[:8]}"', text)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def local_argv(argv: list[str], config: Path) -> list[str]:
+    """A container command line as a local one: `fastserve`/`python` from this venv, the local config."""
+    head = {"fastserve": [sys.executable, "-m", "services.cli"], "python": [sys.executable]}
+    out = list(head.get(argv[0], [argv[0]])) + argv[1:]
+    return [str(config) if a == CONTAINER_CONFIG else a for a in out]
+
+
+def start_order(services: dict[str, dict]) -> list[str]:
+    order: list[str] = []
+    while len(order) < len(services):
+        ready = [n for n, s in services.items() if n not in order and set(s.get("depends_on", {})) <= set(order)]
+        assert ready, "depends_on has a cycle"
+        order += ready
+    return order
+
+
+def wait_healthy(name: str, svc: dict, config: Path, procs: dict, timeout: float = 180.0) -> None:
+    argv = local_argv(svc["healthcheck"]["test"][1:], config)  # drop "CMD"
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+        assert not dead, f"service(s) exited before {name} was healthy: {dead}"
+        if subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=30).returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"{name} was not healthy within {timeout} s"
+        time.sleep(0.5)  # the health check's own retry interval, as the container engine would run it
+
+
+@pytest.mark.slow
+def test_compose_services_as_local_processes_serve_requests(tmp_path):
+    services = services_of("cpu")
+    config = local_config(tmp_path, set(compose()["services"]) | {"worker0", "worker1"})
+    procs: dict[str, subprocess.Popen] = {}
+    logs = {}
+    try:
+        for name in start_order(services):
+            svc = services[name]
+            for dep, cond in svc.get("depends_on", {}).items():
+                if cond.get("condition") == "service_healthy":
+                    wait_healthy(dep, services[dep], config, procs)
+            env = {**os.environ, **{k: str(v) for k, v in svc.get("environment", {}).items()}}
+            logs[name] = (tmp_path / f"{name}.log").open("w")
+            procs[name] = subprocess.Popen(local_argv(svc["entrypoint"] + svc["command"], config), cwd=ROOT, env=env,
+                                           stdout=logs[name], stderr=subprocess.STDOUT, start_new_session=True)
+        for name in services:
+            wait_healthy(name, services[name], config, procs)
+        client_addr = re.search(r'client = "([^"]+)"', config.read_text()).group(1)
+        with Client(client_addr, timeout=120) as client:
+            result = client.generate(prompt_ids=[5, 6, 7, 8], max_tokens=12, ignore_eos=True)
+            assert result.completion_tokens == 12 and len(result.token_ids) == 12
+        plan = make_plan(workloads.synthetic(8, 20.0, 2.0, (1.1, 4, 64), (1.1, 1, 24), seed=1), seed=1)
+        outcomes = asyncio.run(asyncio.wait_for(run_load(client_addr, plan), 120))
+        assert [o.error for o in outcomes] == [""] * 8
+        assert [o.tokens for o in outcomes] == [s.max_tokens for s in plan]
+        assert all(o.scheduled_s <= o.first_token_s <= o.finish_s for o in outcomes)
+    finally:
+        for name, p in procs.items():
+            if p.poll() is None:
+                p.send_signal(getattr(signal, services[name].get("stop_signal", "SIGTERM")))  # as `docker stop` does
+        for name, p in procs.items():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            logs[name].close()
+    codes = {n: p.returncode for n, p in procs.items()}
+    assert set(codes.values()) == {0}, (codes, {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in procs})
