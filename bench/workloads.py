@@ -109,12 +109,13 @@ def synthetic(
 
 
 def clip(ins: np.ndarray, outs: np.ndarray, max_context: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Clip the prompt to max_context - 1 and then the output so prompt + output <= max_context."""
+    """Fit prompt + output into max_context: the output keeps up to half the context, the prompt
+    is cut to what remains (its most recent tokens, for a replay), then the output to fit."""
     if max_context <= 0:
         return ins, outs, 0
     if max_context < 2:
         raise ValueError(f"max_context must be >= 2 to hold a prompt and an output, got {max_context}")
-    new_ins = np.minimum(ins, max_context - 1)
+    new_ins = np.minimum(ins, max_context - np.minimum(outs, max_context // 2))
     new_outs = np.minimum(outs, max_context - new_ins)
     clipped = int(np.count_nonzero((new_ins != ins) | (new_outs != outs)))
     return new_ins, new_outs, clipped

@@ -38,8 +38,9 @@ def test_synthetic_is_seeded_and_described():
 
 
 def test_clip_to_context():
-    ins, outs, n = clip(np.array([10, 5000, 100]), np.array([10, 10, 4000]), 4096)
-    assert list(ins) == [10, 4095, 100] and list(outs) == [10, 1, 3996] and n == 2
+    ins, outs, n = clip(np.array([10, 5000, 100, 3000]), np.array([10, 10, 4000, 3000]), 4096)
+    # output keeps up to half the context; the prompt gets the rest
+    assert list(ins) == [10, 4086, 100, 2048] and list(outs) == [10, 10, 3996, 2048] and n == 3
 
 
 def test_trace_replay_scales_time_and_clips(tmp_path):
@@ -47,7 +48,7 @@ def test_trace_replay_scales_time_and_clips(tmp_path):
     path.write_text("arrival_time_s,input_tokens,output_tokens\n0.0,10,5\n1.0,20,6\n2.0,9000,7\n")
     wl = trace(str(path), rate=4.0, max_context=4096)
     assert [r.arrival_s for r in wl.requests] == [0.0, 0.25, 0.5]  # recorded 1/s, scaled to 4/s
-    assert wl.requests[2].input_len == 4095 and wl.requests[2].output_len == 1
+    assert wl.requests[2].input_len == 4089 and wl.requests[2].output_len == 7
     d = wl.describe()
     assert d["time_scale"] == 0.25 and d["clipped"] == 1 and d["recorded_rate"] == 1.0
     bad = tmp_path / "bad.csv"
