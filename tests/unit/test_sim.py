@@ -110,3 +110,23 @@ def test_cli_rejects_bad_input(capsys):
     assert cli.main(["--num", "5"]) == 2
     assert "--rate" in capsys.readouterr().err
     assert cli.main(["--rate", "1", "--input-zipf", "1.1"]) == 2
+
+
+def test_cli_profile_cost_and_kv_memory(tmp_path, capsys):
+    from common.profile import Profile
+
+    profile = Profile(
+        prefill_len=(16, 512), prefill_s=(0.01, 0.1), decode_batch=(1, 16), decode_context=(16, 1024),
+        decode_s=((0.005, 0.006), (0.008, 0.012)), meta={"model": "default"},
+    )
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    argv = ["--profile", str(path), "-o", "parallel.num_stages=1", "-o", "cache.num_gpu_blocks=64",
+            "--rate", "20", "--num", "60", "--input-zipf", "1.1,16,256", "--output-zipf", "1.1,1,64",
+            "--memory", "kv", "--policies", "skip-join-mlfq,fcfs", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cost"]["kind"] == "profile" and out["memory"] == "kv"
+    for summary in out["policies"].values():
+        assert summary["num_requests"] == 60
+        assert summary["sim"]["device_blocks_total"] == 64

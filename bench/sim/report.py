@@ -1,0 +1,65 @@
+"""Markdown tables for docs/benchmarks.md from bench/results/sim_*.json.
+
+    python -m bench.sim.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.config import POLICIES
+
+RESULTS = Path("bench/results")
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def paper_table(data: dict) -> str:
+    head = ["CV", "rate", "util"] + [f"{p} mean / p99" for p in POLICIES] + ["FCFS÷SJ mean", "FCFS÷SJ p99", "SJ÷SRPT mean"]
+    lines = [_row(head), _row(["---"] * len(head))]
+    for p in data["points"]:
+        r = p["policies"]
+        jct = {n: r[n]["jct_s"] for n in POLICIES}
+        sj, fc, sr = jct["skip-join-mlfq"], jct["fcfs"], jct["srpt-oracle"]
+        lines.append(_row([
+            f"{p['cv']:g}", f"{p['rate']:g}", f"{p.get('stage_utilization_fcfs', 0):.2f}",
+            *[f"{jct[n]['mean']:.1f} / {jct[n]['p99']:.0f}" for n in POLICIES],
+            f"{fc['mean'] / sj['mean']:.2f}", f"{fc['p99'] / sj['p99']:.2f}", f"{sj['mean'] / sr['mean']:.2f}",
+        ]))
+    return "\n".join(lines)
+
+
+def traces_table(data: dict) -> str:
+    head = ["trace", "rate", "clipped"] + [f"{p} mean / p99" for p in POLICIES]
+    lines = [_row(head), _row(["---"] * len(head))]
+    for p in data["points"]:
+        r = p["policies"]
+        lines.append(_row([
+            p["trace"], f"{p['rate']:g}", p["workload"]["clipped"],
+            *[f"{r[n]['jct_s']['mean']:.2f} / {r[n]['jct_s']['p99']:.1f}" for n in POLICIES],
+        ]))
+    return "\n".join(lines)
+
+
+def demote_table(data: dict) -> str:
+    head = ["CV", "seed", "front mean / p99", "back mean / p99", "back÷front mean"]
+    lines = [_row(head), _row(["---"] * len(head))]
+    for p in data["points"]:
+        f, b = p["front"]["jct_s"], p["back"]["jct_s"]
+        lines.append(_row([f"{p['cv']:g}", p["seed"], f"{f['mean']:.2f} / {f['p99']:.0f}", f"{b['mean']:.2f} / {b['p99']:.0f}", f"{b['mean'] / f['mean']:.3f}"]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    for name, fn in (("paper", paper_table), ("traces", traces_table), ("demote", demote_table)):
+        path = RESULTS / f"sim_{name}.json"
+        if path.is_file():
+            print(f"### sim_{name}\n\n{fn(json.loads(path.read_text()))}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
