@@ -5,7 +5,7 @@ loader), same batch: B jobs each holding `context` cached tokens produce one tok
 run consecutive decode steps from the same prefilled state, timed alternately (ours, theirs, ours,
 ...) so that load from other processes hits both alike; the median step time of each is reported.
 
-    python -m bench.model_step [--batch 1,8,32] [--context 128,512] [--steps 10] [--out FILE]
+    python -m bench.model_step [--batch 1,8,32] [--context 128,512] [--steps 20] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 keeps timings steady on a shared machine; both sides use it)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     result = measure([int(x) for x in args.batch.split(",")], [int(x) for x in args.context.split(",")],
                      args.steps, args.device, args.dtype)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
