@@ -15,7 +15,7 @@ from bench.loadtest import plan as plan_mod
 from bench.loadtest.driver import Outcome, run_load
 from bench.loadtest.launch import StackFailed, launched
 from bench.loadtest.plots import plot_jct_cdf, plot_latency_vs_rate
-from bench.loadtest.report import format_table, jct_values, ratios, summarize_outcomes
+from bench.loadtest.report import format_table, jct_values, ratios, saturation, summarize_outcomes
 from common import config as config_mod
 from common.config import POLICIES
 
@@ -72,7 +72,7 @@ def rates_of(args: argparse.Namespace) -> list[float | None]:
 
 
 async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: argparse.Namespace,
-                  slo: Any) -> dict[str, Any]:
+                  slo: Any, batch_jobs: int) -> dict[str, Any]:
     workload = spec.build() if spec.rate is not None or spec.trace else spec.at_rate(1.0).build()
     sends = plan_mod.make_plan(workload, args.warmup, args.seed, burst=args.saturation)
     bar = None
@@ -87,6 +87,8 @@ async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: a
         if bar is not None:
             bar.close()
     summary = summarize_outcomes(outcomes, slo)
+    if args.saturation:
+        summary["saturation"] = saturation(outcomes, batch_jobs)
     return {"rate": spec.rate, "workload": workload.describe(), "summary": summary,
             "records": [dataclasses.asdict(o) for o in outcomes]}
 
@@ -98,11 +100,12 @@ async def run_all(args: argparse.Namespace, config: config_mod.Config) -> dict[s
         for policy in policy_list(args, config):
             async with launched(config.replace(scheduler={"policy": policy})) as stack:
                 for rate in rates:
-                    run = await stack.guard(one_run(stack.endpoint, f"{policy} @ {rate}", spec.at_rate(rate), args, slo))
+                    run = await stack.guard(one_run(stack.endpoint, f"{policy} @ {rate}", spec.at_rate(rate), args, slo,
+                                                     config.scheduler.max_jobs))
                     runs.append({"policy": policy, **run})
     else:
         for rate in rates:
-            run = await one_run(args.address, f"@ {rate}", spec.at_rate(rate), args, slo)
+            run = await one_run(args.address, f"@ {rate}", spec.at_rate(rate), args, slo, config.scheduler.max_jobs)
             runs.append({"policy": config.scheduler.policy if args.config else "running", **run})
     return {"command": ["fastserve", "loadtest", *args.argv], "config": config.to_dict(),
             "workload": dataclasses.asdict(spec), "slo": args.slo, "saturation": args.saturation,
@@ -133,6 +136,12 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     for rate, group in by_rate(result["runs"]).items():
         print(f"\n== rate {rate} req/s" + (" (burst: saturation)" if args.saturation else ""))
         print(format_table({p: r["summary"] for p, r in group.items()}))
+        for policy, run in group.items():
+            if "saturation" in run["summary"]:
+                sat = run["summary"]["saturation"]
+                print(f"saturation ({policy}): {sat['requests_per_s']:.3f} req/s = {sat['tokens_per_s']:.1f} tok/s "
+                      f"while the batch could be full (first {sat['busy_until_s']:.1f} s), "
+                      f"mean output {sat['mean_output_tokens']:.1f} tokens")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -99,3 +99,25 @@ def format_table(summaries: dict[str, dict[str, Any]], base: str = "fcfs") -> st
 def jct_values(outcomes: Sequence[Outcome]) -> np.ndarray:
     """Sorted JCTs (seconds) of the measured, finished requests; for CDF plots."""
     return np.sort(np.array([o.finish_s - o.scheduled_s for o in outcomes if o.ok and not o.warmup]))
+
+
+def saturation(outcomes: Sequence[Outcome], batch_jobs: int) -> dict[str, float]:
+    """Capacity from a burst (every request sent at 0): output tokens per second while at least
+    `batch_jobs` requests were unfinished (the batch could be full), and the request rate that offers
+    that many tokens per second at the run's mean output length. The tail where a few long requests run
+    alone is left out; it would understate capacity. Tokens of a request still running are counted as
+    produced evenly between its first token and its finish."""
+    done = [o for o in outcomes if o.ok and not o.warmup]
+    if not done:
+        raise ValueError("no finished requests to measure saturation from")
+    finishes = sorted(o.finish_s for o in done)
+    until = finishes[max(len(done) - batch_jobs, 0)]
+    tokens = 0.0
+    for o in done:
+        if until >= o.finish_s:
+            tokens += o.tokens
+        elif until > o.first_token_s:
+            tokens += o.tokens * (until - o.first_token_s) / (o.finish_s - o.first_token_s)
+    tps = tokens / until
+    mean_out = sum(o.tokens for o in done) / len(done)
+    return {"busy_until_s": until, "tokens_per_s": tps, "mean_output_tokens": mean_out, "requests_per_s": tps / mean_out}

@@ -12,7 +12,7 @@ from bench import workloads
 from bench.loadtest.driver import Outcome
 from bench.loadtest.plan import WorkloadSpec, make_plan, parse_rates, parse_slo
 from bench.loadtest.plots import plot_jct_cdf, plot_latency_vs_rate
-from bench.loadtest.report import format_table, jct_values, ratios, summarize_outcomes
+from bench.loadtest.report import format_table, jct_values, ratios, saturation, summarize_outcomes
 from bench.metrics import SLO
 
 
@@ -139,3 +139,15 @@ def test_plots_are_written(tmp_path):
     for path in (cdf, lat):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     json.dumps(sweep)  # the sweep items are the JSON the CLI writes
+
+
+def test_saturation_counts_tokens_while_the_batch_could_be_full():
+    # a burst of 3 with batch_jobs=2: two or more are unfinished until the second finish (t=4)
+    burst = [outcome(0, 0.0, 1.0, 2.0, 10), outcome(1, 0.0, 1.0, 4.0, 30), outcome(2, 0.0, 2.0, 10.0, 80)]
+    sat = saturation(burst, batch_jobs=2)
+    assert sat["busy_until_s"] == pytest.approx(4.0)
+    # by t=4: requests 0 and 1 done (40 tokens), request 2 a quarter through its 8 s (20 tokens)
+    assert sat["tokens_per_s"] == pytest.approx(60 / 4.0)
+    assert sat["requests_per_s"] == pytest.approx(15.0 / 40.0)
+    with pytest.raises(ValueError, match="no finished"):
+        saturation([outcome(0, 0.0, 0.0, 1.0, 0, error="overloaded")], 2)
