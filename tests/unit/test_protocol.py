@@ -61,8 +61,15 @@ def test_detokenizer_keeps_context_dependent_spacing_and_flushes_incomplete_byte
     detok = IncrementalDetokenizer(Words().decode)
     assert [detok.add([0]), detok.add([1]), detok.add([2, 3])] == ["hello", " world", " a b"]
     tail = IncrementalDetokenizer(Bytes().decode)
-    assert tail.add([0x61, 0xE2, 0x82]) == ""  # "a" waits with the incomplete euro sign
-    assert tail.flush() == "a\ufffd"
+    assert tail.add([0x61, 0xE2, 0x82]) == "a"  # the incomplete euro sign waits, "a" does not
+    assert tail.flush() == "\ufffd"
+
+
+def test_detokenizer_emits_invalid_bytes_instead_of_holding_them_forever():
+    detok = IncrementalDetokenizer(Bytes().decode)
+    deltas = [detok.add([0xB0]) for _ in range(8)]  # lone continuation bytes never complete a character
+    assert deltas == ["", "", "", "\ufffd" * 4] * 2
+    assert "".join(deltas) + detok.flush() == "\ufffd" * 8
 
 
 def core(ready: bool = True) -> IngressCore:
