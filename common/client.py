@@ -20,7 +20,6 @@ from common.protocol import (
     FinishEvent,
     Generate,
     StatsQuery,
-    StatsReply,
     TokenEvent,
 )
 
