@@ -120,24 +120,28 @@ class Exit:
 
 
 @dataclass(frozen=True)
-class JobSampling:
-    """How the last stage samples one job's next token."""
+class BatchSampling:
+    """How the last stage samples each job of a batch: one column entry per job, in batch order."""
 
-    temperature: Annotated[float, Range(0.0)]  # 0 = greedy
-    top_k: Annotated[int, Range(0)]  # 0 = no top-k cut
-    top_p: Annotated[float, Range(0.0, 1.0)]  # nucleus mass; 1.0 = no cut
-    seed: int | None  # per-job seed; None = unseeded
-    step: Annotated[int, Range(0)]  # index of the output token this iteration produces
+    temperature: list[float]  # 0 = greedy
+    top_k: list[int]  # 0 = no top-k cut
+    top_p: list[float]  # nucleus mass in (0, 1]; 1.0 = no cut
+    seed: list[int | None]  # per-job seed; None = unseeded
+    step: list[int]  # index of the output token this iteration produces
+
+    def select(self, rows: list[int]) -> "BatchSampling":
+        return BatchSampling(*([column[i] for i in rows] for column in self.columns()))
+
+    def columns(self) -> tuple[list, ...]:
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
 
 
-@dataclass(frozen=True)
-class BatchJob:
-    """One job of an iteration."""
-
-    job_id: JobId
-    num_new_tokens: Annotated[int, Range(1)]  # tokens this iteration computes (prompt, 1, or a recompute)
-    context_len: Annotated[int, Range(0)]  # tokens already in the KV cache = position of the first new token
-    sampling: JobSampling
+def _check_columns(msg: object, names: tuple[str, ...]) -> None:
+    n = len(getattr(msg, names[0]))
+    sampling = getattr(msg, "sampling", None)
+    lengths = [len(getattr(msg, name)) for name in names] + ([len(c) for c in sampling.columns()] if sampling else [])
+    if any(length != n for length in lengths):
+        raise ValueError(f"per-job columns differ in length: {dict(zip(names, lengths))}")
 
 
 @message(MsgType.SCHEDULE_BATCH)
@@ -145,15 +149,25 @@ class BatchJob:
 class ScheduleBatch:
     """Scheduler -> KV-cache manager: the batch the policy picked, plus what the KV manager must know.
 
-    A message with no jobs still carries frees and the run order (housekeeping when nothing runs).
+    Per-job fields are columns (one entry per job, in priority order): a batch decodes in one pass
+    instead of one nested struct per job. A message with no jobs still carries frees and the run
+    order (housekeeping when nothing runs).
     """
 
     batch_id: Annotated[int, Range(0)]  # scheduler-assigned, increasing
-    jobs: list[BatchJob]  # in priority order
+    job_ids: list[int]
+    num_new_tokens: list[int]  # tokens this iteration computes per job (prompt, 1, or a recompute)
+    context_lens: list[int]  # tokens already in the KV cache per job = position of its first new token
+    sampling: BatchSampling
     input_ids: np.ndarray  # [sum(num_new_tokens)] int64, the jobs' new tokens concatenated in job order
     freed_job_ids: list[int]  # jobs that ended (finished, cancelled, failed) and are in no batch: free their KV
     run_order: list[int]  # live job ids, soonest expected to run first (drives offload/upload)
     in_flight_job_ids: list[int]  # jobs in batches still in the pipeline: never offloaded or dropped
+
+    def __post_init__(self) -> None:
+        _check_columns(self, ("job_ids", "num_new_tokens", "context_lens"))
+        if self.input_ids.shape != (sum(self.num_new_tokens),):
+            raise ValueError(f"input_ids has shape {self.input_ids.shape}, num_new_tokens sum to {sum(self.num_new_tokens)}")
 
 
 @message(MsgType.BATCH_PLANNED)
@@ -165,6 +179,7 @@ class BatchPlanned:
     held_job_ids: list[int]  # not run this iteration (no room, or KV moving); they may be picked again
     dropped_job_ids: list[int]  # KV discarded (recompute mode): the next run redoes prompt + generated tokens
     free_blocks: Annotated[int, Range(0)]  # device blocks free after this plan
+    copies_in_flight: Annotated[int, Range(0)]  # swap ops not yet acknowledged by every stage
 
 
 @dataclass(frozen=True)
@@ -188,13 +203,19 @@ class StageBatch:
     """
 
     batch_id: Annotated[int, Range(0)]
-    jobs: list[BatchJob]  # the jobs that run, in order
+    job_ids: list[int]  # the jobs that run, in order
+    num_new_tokens: list[int]  # per job, tokens this iteration computes
+    context_lens: list[int]  # per job, tokens already in the KV cache
     block_tables: list[list[int]]  # per job, device block ids covering context + new tokens
+    sampling: BatchSampling
     swap_out: list[SwapOp]  # run first, in order
     swap_in: list[SwapOp]  # run after swap_out; compute waits for the uploads of jobs it runs
     input_ids: np.ndarray | None  # [T] int64 on the way to stage 0, else None; T = sum(num_new_tokens)
     hidden: np.ndarray | None  # [T, hidden] activations between stages, else None
     compute_s: Annotated[float, Range(0.0)]  # compute seconds of the stages so far
+
+    def __post_init__(self) -> None:
+        _check_columns(self, ("job_ids", "num_new_tokens", "context_lens", "block_tables"))
 
 
 @message(MsgType.BATCH_RESULT)
@@ -226,3 +247,4 @@ class KVChanged:
     """KV-cache manager -> scheduler: memory changed outside a batch (a copy acked), held jobs may retry."""
 
     free_blocks: Annotated[int, Range(0)]  # device blocks free now
+    copies_in_flight: Annotated[int, Range(0)]  # swap ops not yet acknowledged by every stage

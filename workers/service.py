@@ -7,9 +7,10 @@ issued by the worker itself (on its own stream) can overlap the worker's kernels
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class StageWorker:
         send_to_scheduler: Any,
         send_to_kvcache: Any,
         send_to_control: Any | None = None,
-        executor: Any | None = None,
+        open_executor: Callable[[], Any] | None = None,
     ) -> None:
         self.runner = runner
         self.stage = stage
@@ -59,7 +60,8 @@ class StageWorker:
         self.send_to_scheduler = send_to_scheduler
         self.send_to_kvcache = send_to_kvcache
         self.send_to_control = send_to_control
-        self.executor = executor
+        self.open_executor = open_executor  # makes the copy executor on the first swap op
+        self.executor: Any | None = None
         self.pending_ops = 0
         self.acks_reported = (0.0, 0.0)  # copy_s, overlap_s already sent
         self.log = get_logger()
@@ -69,14 +71,19 @@ class StageWorker:
         if config.model.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.num_stages))
         runner = StageRunner.from_config(config, stage)
-        executor = None
+        open_executor = None
         if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
-            from services.kvcache.hostpool import HostPool, HostPoolLayout
-            from workers.copy_executor import make_executor
 
-            pool = HostPool.attach(config.endpoints.host_pool, HostPoolLayout.from_config(config))
-            executor = make_executor(runner.kv, pool.view(stage))
-            executor.host_pool_handle = pool  # keep the mapping alive as long as the executor
+            def open_executor() -> Any:
+                # The KV manager creates the host pool; the first swap op it sends proves it exists.
+                from services.kvcache.hostpool import HostPool, HostPoolLayout
+                from workers.copy_executor import make_executor
+
+                pool = HostPool.attach(config.endpoints.host_pool, HostPoolLayout.from_config(config))
+                executor = make_executor(runner.kv, pool.view(stage))
+                executor.host_pool_handle = pool  # keep the mapping alive as long as the executor
+                return executor
+
         ctx = ctx or sockets.context()
         ep = config.endpoints
         last = stage == config.parallel.num_stages - 1
@@ -88,7 +95,7 @@ class StageWorker:
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_kvcache=sockets.connect_push(ctx, ep.kvcache),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
-            executor=executor,
+            open_executor=open_executor,
         )
 
     async def run(self) -> None:
@@ -110,7 +117,7 @@ class StageWorker:
     async def on_batch(self, msg: StageBatch) -> None:
         self.submit_swaps(msg)
         hidden, tokens, compute_s, error = None, [], msg.compute_s, ""
-        if msg.jobs:
+        if msg.job_ids:
             try:
                 out, seconds = self.compute(msg)
                 compute_s += seconds
@@ -122,14 +129,15 @@ class StageWorker:
                 self.log.exception("batch_failed", batch_id=msg.batch_id)
                 error = f"stage {self.stage}: {type(e).__name__}: {e}"
         if error or self.send_next is None:
-            result = BatchResult(msg.batch_id, [j.job_id for j in msg.jobs] if not error else [], tokens, compute_s, error)
+            result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error)
             await sockets.send(self.send_to_scheduler, result)
             if error and self.send_next is not None:  # later stages still run this batch's swaps
-                msg = StageBatch(msg.batch_id, [], [], msg.swap_out, msg.swap_in, None, None, compute_s)
+                empty = msg.sampling.select([])
+                msg = StageBatch(msg.batch_id, [], [], [], [], empty, msg.swap_out, msg.swap_in, None, None, compute_s)
                 await sockets.send(self.send_next, msg)
             await self.report_acks()
             return
-        forward = StageBatch(msg.batch_id, msg.jobs, msg.block_tables, msg.swap_out, msg.swap_in, None, hidden, compute_s)
+        forward = dataclasses.replace(msg, input_ids=None, hidden=hidden, compute_s=compute_s)
         await sockets.send(self.send_next, forward)
         await self.report_acks()
 
@@ -137,7 +145,9 @@ class StageWorker:
         if not msg.swap_out and not msg.swap_in:
             return
         if self.executor is None:
-            raise RuntimeError("swap ops arrived but this worker has no host pool (cache.num_host_blocks is 0)")
+            if self.open_executor is None:
+                raise RuntimeError("swap ops arrived but this worker has no host pool (cache.num_host_blocks is 0)")
+            self.executor = self.open_executor()
         for op in (*msg.swap_out, *msg.swap_in):
             self.executor.submit(op)
             self.pending_ops += 1
@@ -145,9 +155,9 @@ class StageWorker:
     def compute(self, msg: StageBatch) -> tuple[torch.Tensor, float]:
         runner = self.runner
         step = StepInput(
-            job_ids=[j.job_id for j in msg.jobs],
-            query_lens=[j.num_new_tokens for j in msg.jobs],
-            context_lens=[j.context_len for j in msg.jobs],
+            job_ids=msg.job_ids,
+            query_lens=msg.num_new_tokens,
+            context_lens=msg.context_lens,
             block_tables=msg.block_tables,
             token_ids=torch.from_numpy(np.array(msg.input_ids)) if runner.is_first else None,
             hidden=None if runner.is_first else from_wire(msg.hidden, runner.dtype),
@@ -166,12 +176,12 @@ class StageWorker:
         return out, time.perf_counter() - start
 
     def sample(self, msg: StageBatch, logits: torch.Tensor) -> list[int]:
+        c = msg.sampling
         params = [
-            SamplingParams(max_tokens=1, temperature=j.sampling.temperature, top_k=j.sampling.top_k,
-                           top_p=j.sampling.top_p if j.sampling.top_p > 0 else 1.0, seed=j.sampling.seed)
-            for j in msg.jobs
+            SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p if p > 0 else 1.0, seed=seed)
+            for t, k, p, seed in zip(c.temperature, c.top_k, c.top_p, c.seed)
         ]
-        return sample(logits, params, [j.sampling.step for j in msg.jobs])
+        return sample(logits, params, c.step)
 
     async def report_acks(self) -> None:
         if self.executor is None or not self.pending_ops:

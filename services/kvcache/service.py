@@ -106,28 +106,35 @@ class KVCacheManager:
             self.planner.free(job_id)
         books = self.planner.books
         stale, wanted = [], {}
-        for job in msg.jobs:
-            entry = books.get(job.job_id)
+        for job_id, context_len, n in zip(msg.job_ids, msg.context_lens, msg.num_new_tokens):
+            entry = books.get(job_id)
             held_tokens = 0 if entry is None or entry.state is Residency.DROPPED else entry.num_tokens
-            if job.context_len != held_tokens:
-                stale.append(job.job_id)  # picked before its KV was dropped: skip; the scheduler resends it
+            if context_len != held_tokens:
+                stale.append(job_id)  # picked before its KV was dropped: skip; the scheduler resends it
             else:
-                wanted[job.job_id] = job.context_len + job.num_new_tokens
+                wanted[job_id] = context_len + n
         plan = self.planner.plan(wanted, msg.run_order, msg.in_flight_job_ids)
         held = stale + list(plan.held)
         await sockets.send(
             self.send_to_scheduler,
             BatchPlanned(msg.batch_id, held, list(plan.dropped), books.device.num_free, len(books.pending_ops())),
         )
-        offsets = np.cumsum([0] + [j.num_new_tokens for j in msg.jobs])
-        runs = [(i, j) for i, j in enumerate(msg.jobs) if j.job_id in plan.block_tables]
-        input_ids = np.concatenate([msg.input_ids[offsets[i] : offsets[i + 1]] for i, _ in runs]) if runs else msg.input_ids[:0]
+        rows = [i for i, job_id in enumerate(msg.job_ids) if job_id in plan.block_tables]
+        offsets = np.cumsum([0, *msg.num_new_tokens])
+        if len(rows) == len(msg.job_ids):
+            input_ids = msg.input_ids
+        else:
+            input_ids = np.concatenate([msg.input_ids[offsets[i] : offsets[i + 1]] for i in rows] or [msg.input_ids[:0]])
+        job_ids = [msg.job_ids[i] for i in rows]
         await sockets.send(
             self.send_to_stage0,
             StageBatch(
                 batch_id=msg.batch_id,
-                jobs=[j for _, j in runs],
-                block_tables=[list(plan.block_tables[j.job_id]) for _, j in runs],
+                job_ids=job_ids,
+                num_new_tokens=[msg.num_new_tokens[i] for i in rows],
+                context_lens=[msg.context_lens[i] for i in rows],
+                block_tables=[list(plan.block_tables[j]) for j in job_ids],
+                sampling=msg.sampling.select(rows),
                 swap_out=[wire_op(op) for op in plan.swap_out],
                 swap_in=[wire_op(op) for op in plan.swap_in],
                 input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.messages import (
-    BatchJob,
     BatchPlanned,
     BatchResult,
+    BatchSampling,
     JobEvent,
-    JobSampling,
     KVChanged,
     ScheduleBatch,
     SubmitJob,
@@ -124,25 +123,28 @@ class SchedulerCore:
         batch_id = self.next_batch_id
         self.next_batch_id += 1
         in_flight = sorted(self.busy)  # before this batch's jobs join it
-        jobs, inputs, new_tokens = [], [], {}
+        job_ids, new, context, inputs = [], [], [], []
+        sampling = BatchSampling([], [], [], [], [])
         for job in picked:
             entry = self.entries[job.job_id]
             n = job.num_new_tokens
-            sampling = entry.sampling
-            jobs.append(
-                BatchJob(
-                    job.job_id, n, job.num_computed,
-                    JobSampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, job.num_generated),
-                )
-            )
+            job_ids.append(job.job_id)
+            new.append(n)
+            context.append(job.num_computed)
             inputs.extend(entry.tokens[job.num_computed : job.num_computed + n])
-            new_tokens[job.job_id] = n
+            params = entry.sampling
+            for column, value in zip(sampling.columns(), (params.temperature, params.top_k, params.top_p,
+                                                          params.seed, job.num_generated)):
+                column.append(value)
             self.busy.add(job.job_id)
             job.status = JobStatus.RUNNING
-        self._count_preemptions({job.job_id for job in picked})
+        self._count_preemptions(set(job_ids))
         msg = ScheduleBatch(
             batch_id=batch_id,
-            jobs=jobs,
+            job_ids=job_ids,
+            num_new_tokens=new,
+            context_lens=context,
+            sampling=sampling,
             input_ids=np.asarray(inputs, dtype=np.int64),
             freed_job_ids=self.to_free,
             run_order=[j.job_id for j in self.policy.run_order(now)] if picked else [],
@@ -150,7 +152,7 @@ class SchedulerCore:
         )
         self.to_free = []
         # A housekeeping message also flows through the pipeline, so it is in flight too.
-        self.in_flight[batch_id] = InFlight(batch_id, [j.job_id for j in picked], new_tokens, now)
+        self.in_flight[batch_id] = InFlight(batch_id, job_ids, dict(zip(job_ids, new)), now)
         return msg
 
     def _can_run(self, job: Job) -> bool:

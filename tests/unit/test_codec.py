@@ -17,11 +17,41 @@ import common.messages  # noqa: F401  (registers the internal messages)
 import common.protocol  # noqa: F401  (registers the client messages)
 from common import codec
 from common.codec import DecodeError, OneOf, Range
-from common.messages import JobEvent, MsgType, Stats, SubmitJob
+from common.messages import BatchSampling, JobEvent, MsgType, ScheduleBatch, StageBatch, Stats, SubmitJob, SwapOp
+
+
+def _batch_columns(rng: random.Random) -> dict:
+    """Per-job columns of equal length, as ScheduleBatch and StageBatch require."""
+    n = rng.randint(0, 4)
+    new = [rng.randint(1, 9) for _ in range(n)]
+    sampling = BatchSampling([rng.uniform(0, 2) for _ in range(n)], [rng.randint(0, 50) for _ in range(n)],
+                             [rng.uniform(0.1, 1) for _ in range(n)], [rng.choice([None, rng.randint(0, 99)]) for _ in range(n)],
+                             [rng.randint(0, 99) for _ in range(n)])
+    return dict(job_ids=list(range(n)), num_new_tokens=new, context_lens=[rng.randint(0, 99) for _ in range(n)],
+                sampling=sampling, input_ids=np.arange(sum(new), dtype=np.int64))
+
+
+def _schedule_batch(rng: random.Random) -> ScheduleBatch:
+    return ScheduleBatch(batch_id=rng.randint(0, 99), **_batch_columns(rng), freed_job_ids=[7],
+                         run_order=[1, 0], in_flight_job_ids=[5])
+
+
+def _stage_batch(rng: random.Random) -> StageBatch:
+    cols = _batch_columns(rng)
+    swap = SwapOp(op_id=1, job_id=3, direction=rng.choice(["in", "out"]), src_blocks=[1, 2], dst_blocks=[4, 5])
+    hidden = np.ones((len(cols["input_ids"]), 4), np.float32) if rng.random() < 0.5 else None
+    return StageBatch(batch_id=rng.randint(0, 99), **cols, block_tables=[[i] for i in cols["job_ids"]],
+                      swap_out=[swap], swap_in=[], hidden=hidden, compute_s=rng.uniform(0, 1))
+
+
+# Messages whose fields must agree with each other (per-job columns): built, not sampled field by field.
+WITH_INVARIANTS = {ScheduleBatch: _schedule_batch, StageBatch: _stage_batch}
 
 
 def sample(hint, rng: random.Random, depth: int = 0):
     """A valid value for an annotation, honouring Range and OneOf, so new messages are covered unchanged."""
+    if hint in WITH_INVARIANTS:
+        return WITH_INVARIANTS[hint](rng)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
         base, meta = args[0], args[1:]
@@ -210,3 +240,13 @@ def test_registration_rejects_mutable_and_duplicate_classes():
 
     with pytest.raises(TypeError):
         codec.encode(object())
+
+
+def test_batch_columns_that_disagree_are_a_decode_error():
+    good = _schedule_batch(random.Random(3))
+    frames = codec.encode(good)
+    payload = msgpack.unpackb(frames[1])
+    payload["context_lens"] = payload["context_lens"] + [0]
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode([frames[0], msgpack.packb(payload), *frames[2:]], ScheduleBatch)
+    assert err.value.code == codec.BAD_FIELD and "columns differ" in err.value.message
