@@ -1,0 +1,139 @@
+"""The scheduler's pure core driven with a fake pipeline: batches, tokens, finishing, cancel, frees."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import SchedulerConfig
+from common.messages import BatchPlanned, BatchResult, KVChanged, SubmitJob
+from services.scheduler.core import SchedulerCore
+from services.scheduler.policies import make_policy
+
+EOS = 257
+
+
+def submit(job_id: int, prompt: list[int], max_tokens: int, stop=(), ignore_eos=False) -> SubmitJob:
+    return SubmitJob(job_id, prompt, max_tokens, 0.0, 0, 1.0, None, list(stop), ignore_eos)
+
+
+def make_core(policy: str = "fcfs", stages: int = 1, **knobs) -> SchedulerCore:
+    return SchedulerCore(make_policy(SchedulerConfig(policy=policy, **knobs)), stages, (EOS,))
+
+
+def result(batch, tokens: list[int], compute_s: float = 0.01) -> BatchResult:
+    return BatchResult(batch.batch_id, list(batch.job_ids), tokens, compute_s, "")
+
+
+def test_prefill_then_decode_inputs_and_finish_on_length():
+    core = make_core()
+    core.submit(submit(1, [10, 11, 12], max_tokens=2), now=0.0)
+    b0 = core.next_batch(0.0)
+    assert (b0.job_ids, b0.num_new_tokens, b0.context_lens) == ([1], [3], [0])
+    assert b0.input_ids.tolist() == [10, 11, 12] and b0.sampling.step == [0]
+    assert core.next_batch(0.0) is None  # one stage: one batch in flight
+    (ev,) = core.on_result(result(b0, [42]), 0.1)
+    assert (ev.token_ids, ev.finish_reason) == ([42], "")
+    b1 = core.next_batch(0.1)
+    assert (b1.num_new_tokens, b1.context_lens, b1.input_ids.tolist(), b1.sampling.step) == ([1], [3], [42], [1])
+    (ev,) = core.on_result(result(b1, [43]), 0.2)
+    assert (ev.token_ids, ev.finish_reason) == ([43], "length")
+    housekeeping = core.next_batch(0.2)  # the finished job's KV is freed with the next message
+    assert housekeeping.job_ids == [] and housekeeping.freed_job_ids == [1]
+    core.on_result(result(housekeeping, []), 0.3)
+    assert core.idle and core.next_batch(0.3) is None
+
+
+def test_stop_token_and_eos_end_the_job_unless_ignored():
+    core = make_core()
+    core.submit(submit(1, [1], 10, stop=[99]), 0.0)
+    core.submit(submit(2, [1], 10), 0.0)
+    core.submit(submit(3, [1], 10, ignore_eos=True), 0.0)
+    b = core.next_batch(0.0)
+    events = core.on_result(result(b, [99, EOS, EOS]), 0.1)
+    assert [e.finish_reason for e in events] == ["stop", "stop", ""]
+
+
+def test_pipeline_keeps_one_disjoint_batch_per_stage():
+    core = make_core(stages=2, max_jobs=1)
+    for j in range(3):
+        core.submit(submit(j, [1, 2], 5), 0.0)
+    b0, b1 = core.next_batch(0.0), core.next_batch(0.0)
+    assert core.next_batch(0.0) is None
+    assert set(b0.job_ids).isdisjoint(b1.job_ids)
+    assert b1.in_flight_job_ids == b0.job_ids
+
+
+def test_cancel_in_flight_frees_only_after_the_batch_returns():
+    core = make_core()
+    core.submit(submit(1, [1, 2, 3], 50), 0.0)
+    b = core.next_batch(0.0)
+    (ev,) = core.cancel(1, 0.05)
+    assert ev.finish_reason == "cancelled"
+    assert core.next_batch(0.05) is None  # batch still in flight: nothing to free yet
+    assert core.on_result(result(b, [7]), 0.1) == []  # the late token of a cancelled job is dropped
+    free = core.next_batch(0.1)
+    assert free.freed_job_ids == [1] and free.job_ids == []
+    assert core.cancel(1, 0.2) == []  # a second cancel is a no-op
+
+
+def test_held_jobs_wait_for_memory_and_dropped_jobs_recompute():
+    core = make_core(max_jobs=2)
+    core.submit(submit(1, [1, 2, 3], 9), 0.0)
+    core.submit(submit(2, [4, 5], 9), 0.0)
+    b = core.next_batch(0.0)
+    core.on_planned(BatchPlanned(b.batch_id, [2], [], 0, 1))
+    core.on_result(BatchResult(b.batch_id, [1], [8], 0.01, ""), 0.1)
+    b2 = core.next_batch(0.1)
+    assert b2.job_ids == [1]  # job 2 waits: no memory event yet
+    core.on_result(result(b2, [9]), 0.2)
+    core.on_kv_changed(KVChanged(10, 0))
+    b3 = core.next_batch(0.2)
+    assert 2 in b3.job_ids
+    # job 1's KV is dropped: its next run recomputes prompt + both outputs
+    core.on_planned(BatchPlanned(b3.batch_id, [1], [1], 5, 0))
+    core.on_result(BatchResult(b3.batch_id, [2], [3], 0.01, ""), 0.3)
+    core.on_kv_changed(KVChanged(10, 0))
+    b4 = core.next_batch(0.3)
+    i = b4.job_ids.index(1)
+    assert (b4.num_new_tokens[i], b4.context_lens[i]) == (5, 0)
+    start = sum(b4.num_new_tokens[:i])
+    assert b4.input_ids[start : start + 5].tolist() == [1, 2, 3, 8, 9]
+
+
+def test_failed_batch_fails_its_jobs_only():
+    core = make_core(stages=2, max_jobs=1)
+    core.submit(submit(1, [1], 5), 0.0)
+    core.submit(submit(2, [1], 5), 0.0)
+    b0, b1 = core.next_batch(0.0), core.next_batch(0.0)
+    (ev,) = core.on_result(BatchResult(b0.batch_id, [], [], 0.0, "stage 0: boom"), 0.1)
+    assert (ev.job_id, ev.finish_reason, ev.error_code) == (b0.job_ids[0], "error", "internal")
+    (ok,) = core.on_result(result(b1, [4]), 0.1)
+    assert ok.finish_reason == ""
+
+
+def test_fail_all_ends_every_job_and_forgets_the_pipeline():
+    core = make_core(stages=2)
+    for j in range(4):
+        core.submit(submit(j, [1], 5), 0.0)
+    core.next_batch(0.0)
+    events = core.fail_all("internal", "worker 1 exited", 0.1)
+    assert sorted(e.job_id for e in events) == [0, 1, 2, 3]
+    assert all(e.error_code == "internal" for e in events)
+    assert not core.in_flight and not core.entries
+
+
+def test_preemption_is_counted_when_a_running_job_is_left_out():
+    core = make_core(policy="mlfq", max_jobs=1, base_quantum_s=0.001)
+    core.submit(submit(1, [1], 50), 0.0)
+    b = core.next_batch(0.0)
+    core.on_result(result(b, [5], compute_s=0.01), 0.01)  # job 1 used more than its quantum: demoted
+    core.submit(submit(2, [1], 50), 0.02)
+    b = core.next_batch(0.02)
+    assert b.job_ids == [2]
+    assert core.entries[1].job.preemptions == 1 and core.stats()["preemptions"] == 1
+
+
+def test_input_ids_are_int64_arrays():
+    core = make_core()
+    core.submit(submit(1, [3, 4], 1), 0.0)
+    assert core.next_batch(0.0).input_ids.dtype == np.int64
