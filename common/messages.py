@@ -244,7 +244,8 @@ class SwapDone:
 @message(MsgType.KV_CHANGED)
 @dataclass(frozen=True)
 class KVChanged:
-    """KV-cache manager -> scheduler: memory changed outside a batch (a copy acked), held jobs may retry."""
+    """KV-cache manager -> scheduler: memory changed outside a batch (a copy acked, a stage restarted)."""
 
     free_blocks: Annotated[int, Range(0)]  # device blocks free now
     copies_in_flight: Annotated[int, Range(0)]  # swap ops not yet acknowledged by every stage
+    dropped_job_ids: list[int]  # KV lost (a stage restarted with an empty pool): these jobs recompute

@@ -29,7 +29,7 @@ from common.messages import SwapOp as WireSwapOp
 from services.kvcache.books import Residency, SwapOp
 from services.kvcache.planner import Planner
 
-INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Exit)
+INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Ready, Exit)
 
 
 def wire_op(op: SwapOp) -> WireSwapOp:
@@ -61,6 +61,7 @@ class KVCacheManager:
             ScheduleBatch: self.on_batch,
             SwapDone: self.on_swap_done,
             StatsRequest: self.on_stats,
+            Ready: self.on_worker_restart,
             Exit: self.on_exit,
         }
 
@@ -149,16 +150,25 @@ class KVCacheManager:
         completed = [op_id for op_id in msg.op_ids if self.planner.ack(op_id, msg.stage)]
         if completed:
             books = self.planner.books
-            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops())))
+            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), []))
 
     async def on_stats(self, msg: StatsRequest) -> None:
         await sockets.send(self.send_to_scheduler, Stats(msg.request_no, self.stats()))
 
+    async def on_worker_restart(self, msg: Ready) -> None:
+        """A worker restarted with an empty device pool (the scheduler forwards its Ready).
+
+        Device-side KV is gone on that stage, so the books drop it everywhere; jobs swapped out to the
+        host pool keep their KV (the segment is ours and outlives the worker) and are uploaded again.
+        """
+        lost = self.planner.device_lost()
+        self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
+        books = self.planner.books
+        await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), list(lost)))
+
     async def on_exit(self, msg: Exit) -> None:
-        """A worker restarted with an empty device pool: device-side KV is gone, host copies survive."""
-        if msg.role == "worker":
-            lost = self.planner.device_lost()
-            self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
+        """The launcher says a peer died; the stack is about to stop, so there is nothing to keep."""
+        self.log.warning("peer_exited", role=msg.role, stage=msg.stage, code=msg.code)
 
     def stats(self) -> dict[str, int | float]:
         s = self.planner.stats()

@@ -176,8 +176,10 @@ class SchedulerCore:
     def on_planned(self, msg: BatchPlanned) -> None:
         """The KV manager left some picked jobs out: they are free to be picked again once memory changes."""
         flight = self.in_flight.get(msg.batch_id)
+        if flight is None:
+            return  # a batch lost to a stage restart: its jobs are runnable again already
         for job_id in msg.held_job_ids:
-            if flight is not None and job_id in flight.new_tokens:
+            if job_id in flight.new_tokens:
                 flight.job_ids.remove(job_id)
                 del flight.new_tokens[job_id]
                 self.busy.discard(job_id)
@@ -185,16 +187,33 @@ class SchedulerCore:
                 if job_id in self.entries:
                     self.blocked.add(job_id)
                     self.counters.held_back += 1
-        for job_id in msg.dropped_job_ids:
+        self._recompute(msg.dropped_job_ids)
+        self.copies_in_flight = msg.copies_in_flight
+
+    def on_kv_changed(self, msg: KVChanged) -> None:
+        """A copy was acknowledged or KV was lost: jobs held back may fit or be resident now."""
+        self.copies_in_flight = msg.copies_in_flight
+        self._recompute(msg.dropped_job_ids)
+        self.blocked.clear()
+
+    def _recompute(self, job_ids: list[int]) -> None:
+        for job_id in job_ids:
             entry = self.entries.get(job_id)
             if entry is not None:
                 entry.job.num_computed = 0  # its KV is gone: the next run recomputes prompt + output
                 self.counters.recomputes += 1
-        self.copies_in_flight = msg.copies_in_flight
 
-    def on_kv_changed(self, msg: KVChanged) -> None:
-        """A copy was acknowledged: memory moved, so jobs held back may fit or be resident now."""
-        self.copies_in_flight = msg.copies_in_flight
+    def restart_pipeline(self) -> None:
+        """A stage restarted: batches in flight are lost and their jobs become runnable again.
+
+        Their results will never come; the KV manager reports which jobs lost their KV (KVChanged).
+        """
+        for flight in self.in_flight.values():
+            for job_id in flight.job_ids:
+                self.busy.discard(job_id)
+                self._release_if_ended(job_id)
+        self.in_flight.clear()
+        self.busy.clear()
         self.blocked.clear()
 
     def on_result(self, msg: BatchResult, now: float) -> list[JobEvent]:

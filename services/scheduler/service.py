@@ -131,6 +131,13 @@ class Scheduler:
         await sockets.send(self.send_to_ingress, Stats(msg.request_no, {**msg.values, **self.core.stats()}))
 
     async def on_ready(self, msg: Ready) -> None:
+        if msg.role == "worker" and (msg.role, msg.stage) in self.ready:
+            # A stage restarted with an empty device pool: batches in flight are lost. The KV manager
+            # learns it through the same ordered socket as the batches, after every batch sent before.
+            self.log.warning("worker_restarted", stage=msg.stage, batches_lost=len(self.core.in_flight))
+            self.core.restart_pipeline()
+            await sockets.send(self.send_to_kvcache, msg)
+            return
         self.ready.add((msg.role, msg.stage))
         expected = {("kvcache", -1)} | {("worker", k) for k in range(self.num_stages)}
         if not self.stack_ready and expected <= self.ready:

@@ -86,13 +86,13 @@ def test_held_jobs_wait_for_memory_and_dropped_jobs_recompute():
     b2 = core.next_batch(0.1)
     assert b2.job_ids == [1]  # job 2 waits: no memory event yet
     core.on_result(result(b2, [9]), 0.2)
-    core.on_kv_changed(KVChanged(10, 0))
+    core.on_kv_changed(KVChanged(10, 0, []))
     b3 = core.next_batch(0.2)
     assert 2 in b3.job_ids
     # job 1's KV is dropped: its next run recomputes prompt + both outputs
     core.on_planned(BatchPlanned(b3.batch_id, [1], [1], 5, 0))
     core.on_result(BatchResult(b3.batch_id, [2], [3], 0.01, ""), 0.3)
-    core.on_kv_changed(KVChanged(10, 0))
+    core.on_kv_changed(KVChanged(10, 0, []))
     b4 = core.next_batch(0.3)
     i = b4.job_ids.index(1)
     assert (b4.num_new_tokens[i], b4.context_lens[i]) == (5, 0)
@@ -137,3 +137,19 @@ def test_input_ids_are_int64_arrays():
     core = make_core()
     core.submit(submit(1, [3, 4], 1), 0.0)
     assert core.next_batch(0.0).input_ids.dtype == np.int64
+
+
+def test_restart_loses_batches_in_flight_and_recomputes_dropped_jobs():
+    core = make_core(stages=2, max_jobs=1)
+    core.submit(submit(1, [1, 2], 9), 0.0)
+    core.submit(submit(2, [3], 9), 0.0)
+    b0 = core.next_batch(0.0)
+    core.on_result(result(b0, [5]), 0.1)
+    b1, b2 = core.next_batch(0.1), core.next_batch(0.1)
+    assert b1 is not None and b2 is not None and core.next_batch(0.1) is None
+    core.restart_pipeline()
+    assert core.on_result(result(b1, [6]), 0.2) == []  # a lost batch's late result is ignored
+    core.on_kv_changed(KVChanged(10, 0, [1]))  # job 1's KV was on the lost device pool
+    batches = [core.next_batch(0.2), core.next_batch(0.2)]
+    runs = {j: (b.num_new_tokens[i], b.context_lens[i]) for b in batches for i, j in enumerate(b.job_ids)}
+    assert runs == {1: (3, 0), 2: (1, 0)}
