@@ -1,0 +1,123 @@
+"""What the processes and sockets cost: decode throughput of the stack against the in-process model loop.
+
+    python -m bench.overhead [--batches 8,32] [--tokens 64] [--out bench/results/overhead.json]
+
+In-process: the same stages (2 by default) run one after the other in this process, one torch thread
+(each worker of the stack also gets one thread per core share), stepping a batch of decode jobs.
+Stack: `fastserve up` with fcfs, one batch of B jobs (scheduler.max_jobs=B), B requests of the same
+shape sent at once. Decode throughput counts tokens after every job's first token; per-iteration
+time is the gap between consecutive tokens of a job as the client sees it; the time added per
+iteration is the stack's median (p99) gap minus the in-process median (p99) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workers.model.sampling import SamplingParams
+from workers.offline import OfflineEngine, _Job
+
+PROMPT_LEN = 16
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def in_process(batch: int, tokens: int, stages: int) -> dict:
+    torch.set_num_threads(1)
+    engine = OfflineEngine.build("default", num_stages=stages, num_blocks=batch * 8)
+    jobs = []
+    for i in range(batch):
+        job = _Job(i, [(7 * i + k) % 256 for k in range(PROMPT_LEN)], PROMPT_LEN, SamplingParams(max_tokens=tokens + 1))
+        job.blocks = list(range(i * 8, (i + 1) * 8))
+        jobs.append(job)
+    for job, token in zip(jobs, engine.step(jobs)):  # prefill
+        job.tokens.append(token)
+    steps = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        for job, token in zip(jobs, engine.step(jobs)):
+            job.tokens.append(token)
+        steps.append(time.perf_counter() - start)
+    total = sum(steps)
+    return {"tokens_per_s": batch * tokens / total, "step_ms_p50": percentile(steps, 0.5) * 1e3,
+            "step_ms_p99": percentile(steps, 0.99) * 1e3}
+
+
+async def through_stack(endpoint: str, batch: int, tokens: int) -> dict:
+    from common.client import AsyncClient
+
+    async with AsyncClient(endpoint, timeout=600) as client:
+        await client.generate(prompt_ids=[1, 2, 3], max_tokens=4)  # warm-up
+
+        async def one(i: int) -> list[float]:
+            stamps = []
+            prompt = [(7 * i + k) % 256 for k in range(PROMPT_LEN)]
+            async for event in client.stream(prompt_ids=prompt, max_tokens=tokens + 1, ignore_eos=True):
+                now = time.perf_counter()
+                stamps += [now] * len(getattr(event, "token_ids", None) or [])
+            return stamps
+
+        all_stamps = await asyncio.gather(*(one(i) for i in range(batch)))
+    first = max(s[0] for s in all_stamps)
+    last = max(s[-1] for s in all_stamps)
+    decoded = sum(sum(1 for t in s if t > first) for s in all_stamps)
+    gaps = [b - a for s in all_stamps for a, b in zip(s[1:], s[2:])]
+    return {"tokens_per_s": decoded / (last - first), "gap_ms_p50": percentile(gaps, 0.5) * 1e3,
+            "gap_ms_p99": percentile(gaps, 0.99) * 1e3}
+
+
+def stack_run(batch: int, tokens: int, stages: int, extra: list[str]) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from stack import Stack
+
+    stack = Stack(["scheduler.policy=fcfs", "cache.swap=defer", f"scheduler.max_jobs={batch}", *extra], num_stages=stages)
+    try:
+        return asyncio.run(through_stack(stack.endpoint, batch, tokens))
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="8,32")
+    parser.add_argument("--tokens", type=int, default=64, help="decode tokens per job")
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/overhead.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        local = in_process(batch, args.tokens, args.stages)
+        stack = stack_run(batch, args.tokens, args.stages, [])
+        row = {
+            "batch": batch,
+            "in_process": local,
+            "stack": stack,
+            "throughput_ratio": stack["tokens_per_s"] / local["tokens_per_s"],
+            "added_ms_p50": stack["gap_ms_p50"] - local["step_ms_p50"],
+            "added_ms_p99": stack["gap_ms_p99"] - local["step_ms_p99"],
+        }
+        rows.append(row)
+        print(f"batch {batch:>3}: in-process {local['tokens_per_s']:8.0f} tok/s ({local['step_ms_p50']:.2f} ms/step)  "
+              f"stack {stack['tokens_per_s']:8.0f} tok/s ({stack['gap_ms_p50']:.2f} ms/iter)  "
+              f"ratio {row['throughput_ratio']:.3f}  added p50 {row['added_ms_p50'] * 1e3:.0f} us "
+              f"p99 {row['added_ms_p99'] * 1e3:.0f} us", flush=True)
+    result = {"model": "default", "stages": args.stages, "decode_tokens_per_job": args.tokens,
+              "torch_threads_in_process": 1, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
