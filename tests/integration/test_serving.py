@@ -100,3 +100,48 @@ async def test_killing_a_worker_fails_every_request_and_stops_the_stack():
         assert stack.wait(60) != 0
     finally:
         stack.stop()
+
+
+async def test_malformed_traffic_gets_error_codes_and_the_stack_keeps_serving(stack):
+    """Raw frames (as any client could send them) against the real stack, then a good request."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.endpoint)
+
+    def generate(**fields) -> list[bytes]:
+        return [b"\x01", msgpack.packb({"version": 1, **fields})]
+
+    cases = [
+        ([b"\x93\x00garbage"], "invalid_request"),  # one frame of random bytes
+        ([b"\xc8", msgpack.packb({"x": 1})], "invalid_request"),  # unknown type byte
+        (generate(request_id="t1", prompt_ids="abc", max_tokens=3), "invalid_request"),  # wrong type
+        (generate(request_id="t2", prompt_ids=[1, 2], max_tokens=-4), "invalid_request"),
+        (generate(request_id="t3", prompt_ids=[1, 2], max_tokens=10**9), "context_too_long"),
+        (generate(request_id="t4", prompt_ids=[5] * 2040, max_tokens=20), "context_too_long"),
+        (generate(request_id="t5", prompt_ids=[], max_tokens=3), "invalid_request"),
+        (generate(request_id="t6", prompt_ids=[1, 99999], max_tokens=3), "invalid_request"),
+    ]
+    try:
+        for frames, code in cases:
+            await sock.send_multipart(frames)
+            reply = await bounded(sock.recv_multipart(), 30)
+            assert reply[0] == b"\x0a", (frames, reply)
+            event = msgpack.unpackb(reply[1])
+            assert event["code"] == code, (frames, event)
+        # a duplicate live request id on one connection
+        await sock.send_multipart(generate(request_id="dup", prompt_ids=[1], max_tokens=200, stream=False))
+        await sock.send_multipart(generate(request_id="dup", prompt_ids=[1], max_tokens=2, stream=False))
+        replies = [await bounded(sock.recv_multipart(), 60) for _ in range(2)]
+        kinds = sorted((r[0], msgpack.unpackb(r[1]).get("code", "")) for r in replies)
+        assert kinds == [(b"\x09", ""), (b"\x0a", "invalid_request")], kinds
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    async with AsyncClient(stack.endpoint, timeout=60) as client:
+        result = await bounded(client.generate(prompt_ids=[4, 5, 6], max_tokens=5))
+    assert result.token_ids == reference([([4, 5, 6], 5)])[0]
