@@ -47,8 +47,10 @@ class KVCacheManager:
         send_to_scheduler: Any,
         send_to_control: Any | None = None,
         host_pool: Any | None = None,
+        block_bytes: int = 0,
     ) -> None:
         self.planner = planner
+        self.block_bytes = block_bytes  # bytes of one block summed over every stage (one swap of one block)
         self.recv_inbox = recv_inbox
         self.send_to_stage0 = send_to_stage0
         self.send_to_scheduler = send_to_scheduler
@@ -67,11 +69,12 @@ class KVCacheManager:
 
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "KVCacheManager":
+        from services.kvcache.hostpool import HostPool, HostPoolLayout
+
+        layout = HostPoolLayout.from_config(config)
         host_pool = None
         if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
-            from services.kvcache.hostpool import HostPool, HostPoolLayout
-
-            host_pool = HostPool.create(config.endpoints.host_pool, HostPoolLayout.from_config(config), replace=True)
+            host_pool = HostPool.create(config.endpoints.host_pool, layout, replace=True)
         ctx = ctx or sockets.context()
         ep = config.endpoints
         return cls(
@@ -81,6 +84,7 @@ class KVCacheManager:
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
             host_pool=host_pool,
+            block_bytes=sum(layout.block_bytes(k) for k in range(layout.num_stages)),
         )
 
     async def run(self) -> None:
@@ -177,6 +181,8 @@ class KVCacheManager:
             "kv_free_blocks": s["device_blocks_free"],
             "kv_total_blocks": s["device_blocks_total"],
             "kv_whole": int(self.planner.is_whole()),
+            "bytes_out": s["blocks_out"] * self.block_bytes,
+            "bytes_in": s["blocks_in"] * self.block_bytes,
             "copy_s": self.copy_s,
             "copy_overlap_s": self.overlap_s,
         }
