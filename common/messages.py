@@ -30,6 +30,7 @@ class MsgType(IntEnum):
     STATS = 20
     READY = 21
     EXIT = 22
+    JOB_EVENTS = 23
     # 32..127: scheduler, KV-cache manager and stage workers
     SCHEDULE_BATCH = 32
     BATCH_PLANNED = 33
@@ -78,6 +79,14 @@ class JobEvent:
     finish_reason: Annotated[str, OneOf(FINISH_REASONS)]  # "" while running; set on the job's last event
     error_code: str  # protocol error code when finish_reason is "error" (e.g. "internal"), else ""
     error_message: str  # human-readable cause when finish_reason is "error", else ""
+
+
+@message(MsgType.JOB_EVENTS)
+@dataclass(frozen=True)
+class JobEvents:
+    """Scheduler -> ingress: the JobEvents of one iteration in one message (one entry per job)."""
+
+    events: list[JobEvent]
 
 
 @message(MsgType.STATS_REQUEST)

@@ -7,13 +7,13 @@ from typing import Any
 
 from common import sockets
 from common.log import get_logger
-from common.messages import Exit, JobEvent, Ready, Stats
+from common.messages import Exit, JobEvent, JobEvents, Ready, Stats
 from common.protocol import CLIENT_MESSAGES
 from services.ingress.core import IngressCore, ToClient, ToScheduler
 from services.ingress.validate import Limits
 
 STATS_TIMEOUT_S = 5.0  # a stats query the scheduler has not answered by then gets `unavailable`
-EVENT_TYPES = (JobEvent, Stats, Ready, Exit)
+EVENT_TYPES = (JobEvent, JobEvents, Stats, Ready, Exit)
 
 
 class Ingress:
@@ -86,6 +86,9 @@ class Ingress:
                 self.log.info("peer_ready", peer=msg.role, stage=msg.stage)
             elif isinstance(msg, Exit):
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
+            if isinstance(msg, JobEvents):  # one iteration's events travel together
+                await self._send([out for event in msg.events for out in self.core.on_event(event)])
+                continue
             await self._send(self.core.on_event(msg))
             await self._tell_control(msg)
 

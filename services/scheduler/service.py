@@ -14,6 +14,7 @@ from common.messages import (
     CancelJob,
     Exit,
     JobEvent,
+    JobEvents,
     KVChanged,
     Ready,
     Stats,
@@ -102,10 +103,12 @@ class Scheduler:
             await sockets.send(self.send_to_kvcache, batch)
 
     async def emit(self, events: list[JobEvent]) -> None:
+        if not events:
+            return
         for event in events:
             if event.finish_reason:
                 self.log.debug("job_ended", job_id=event.job_id, reason=event.finish_reason)
-            await sockets.send(self.send_to_ingress, event)
+        await sockets.send(self.send_to_ingress, events[0] if len(events) == 1 else JobEvents(events))
 
     async def on_submit(self, msg: SubmitJob) -> None:
         await self.emit(self.core.submit(msg, self.clock()))
@@ -119,7 +122,9 @@ class Scheduler:
     async def on_result(self, msg: BatchResult) -> None:
         if msg.error:
             self.log.error("batch_failed", batch_id=msg.batch_id, error=msg.error)
-        await self.emit(self.core.on_result(msg, self.clock()))
+        events = self.core.on_result(msg, self.clock())
+        await self.pump()  # the next batch goes out before the tokens: the pipeline never waits on clients
+        await self.emit(events)
 
     async def on_kv_changed(self, msg: KVChanged) -> None:
         self.core.on_kv_changed(msg)
