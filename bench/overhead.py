@@ -68,13 +68,18 @@ async def through_stack(endpoint: str, batch: int, tokens: int) -> dict:
                 stamps += [now] * len(getattr(event, "token_ids", None) or [])
             return stamps
 
+        before = await client.stats()
         all_stamps = await asyncio.gather(*(one(i) for i in range(batch)))
+        after = await client.stats()
     first = max(s[0] for s in all_stamps)
     last = max(s[-1] for s in all_stamps)
     decoded = sum(sum(1 for t in s if t > first) for s in all_stamps)
     gaps = [b - a for s in all_stamps for a, b in zip(s[1:], s[2:])]
+    iterations = after["iterations"] - before["iterations"]
+    compute_ms = (after["compute_s"] - before["compute_s"]) / max(iterations, 1) * 1e3
     return {"tokens_per_s": decoded / (last - first), "gap_ms_p50": percentile(gaps, 0.5) * 1e3,
-            "gap_ms_p99": percentile(gaps, 0.99) * 1e3}
+            "gap_ms_p99": percentile(gaps, 0.99) * 1e3, "iterations": iterations,
+            "worker_compute_ms_per_iteration": compute_ms}
 
 
 def stack_run(batch: int, tokens: int, stages: int, extra: list[str]) -> dict:
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch:>3}: in-process {local['tokens_per_s']:8.0f} tok/s ({local['step_ms_p50']:.2f} ms/step)  "
               f"stack {stack['tokens_per_s']:8.0f} tok/s ({stack['gap_ms_p50']:.2f} ms/iter)  "
               f"ratio {row['throughput_ratio']:.3f}  added p50 {row['added_ms_p50'] * 1e3:.0f} us "
-              f"p99 {row['added_ms_p99'] * 1e3:.0f} us", flush=True)
+              f"p99 {row['added_ms_p99'] * 1e3:.0f} us; stack compute {stack['worker_compute_ms_per_iteration']:.2f} ms/iter",
+              flush=True)
     result = {"model": "default", "stages": args.stages, "decode_tokens_per_job": args.tokens,
               "torch_threads_in_process": 1, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
