@@ -67,7 +67,7 @@ class SchedulerConfig:
     starvation_limit_s: float = 3.0  # waiting longer than this promotes a job to the top queue
     starvation_check_s: float = 0.1  # period of the starvation check, seconds
     demote_to: str = "front"  # "front" or "back" of the lower queue
-    profile: str = ""  # JSON from `fastserve profile`; empty = measure iterations as they run
+    profile: str = "auto"  # JSON from `fastserve profile`; "auto": the launcher profiles once per machine and model; "" = none
     max_jobs_in_system: int = 1024  # admission bound: accepted, unfinished jobs
 
     def validate(self) -> None:
@@ -82,7 +82,7 @@ class SchedulerConfig:
             raise ConfigError("scheduler.starvation_limit_s and starvation_check_s must be > 0")
         if self.demote_to not in ("front", "back"):
             raise ConfigError(f"scheduler.demote_to is {self.demote_to!r}; use 'front' or 'back'")
-        if self.profile and not Path(self.profile).is_file():
+        if self.profile not in ("", "auto") and not Path(self.profile).is_file():
             raise ConfigError(f"scheduler.profile {self.profile!r} is not a file; run `fastserve profile --out FILE`")
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -49,11 +52,41 @@ def child_commands(config_path: str, num_stages: int, log_level: str) -> list[tu
     return cmds
 
 
+def cached_profile(config: config_mod.Config) -> str:
+    """Path of an iteration-time profile for this model and layout, measured once per machine.
+
+    Skip-join needs each job's first-iteration time; `scheduler.profile = "auto"` (the default)
+    measures it with `fastserve profile` the first time a stack of this shape starts and keeps it in
+    the user's cache directory (FASTSERVE_CACHE or ~/.cache/fastserve).
+    """
+    m = config.model
+    key = json.dumps([str(Path(m.path).resolve()) if m.path != "default" else "default", m.seed, m.dtype, m.device,
+                      m.max_context, config.cache.block_size, config.parallel.num_stages])
+    cache = Path(os.environ.get("FASTSERVE_CACHE") or Path.home() / ".cache" / "fastserve")
+    path = cache / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        overrides = [f"model.{k}={v}" for k, v in (("path", m.path), ("seed", m.seed), ("dtype", m.dtype),
+                                                     ("device", m.device), ("max_context", m.max_context))]
+        overrides += [f"cache.block_size={config.cache.block_size}", f"parallel.num_stages={config.parallel.num_stages}"]
+        argv = [sys.executable, "-m", "services.cli", "profile", "--out", str(tmp),
+                "--input-lens", "16,64,256,1024", "--batch-sizes", "1,8,32", "--context-lens", "64,512", "--repeats", "2"]
+        argv += [item for o in overrides for item in ("--set", o)]
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        tmp.replace(path)  # atomic: concurrent launches never read half a file
+    return str(path)
+
+
 class Launcher:
     def __init__(self, config: config_mod.Config, log_level: str = "info", quiet: bool = False) -> None:
         self.run_dir = Path(tempfile.mkdtemp(prefix="fastserve-"))
         control = f"ipc://{self.run_dir}/control"
         pool = f"fastserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        profile = config.scheduler.profile
+        if profile == "auto":
+            profile = cached_profile(config) if config.scheduler.policy == "skip-join-mlfq" else ""
+        config = config.replace(scheduler={"profile": profile})
         self.config = config.replace(endpoints={"control": control, "host_pool": pool})
         self.config_path = self.run_dir / "config.toml"
         self.config_path.write_text(config_mod.dumps(self.config))

@@ -67,7 +67,8 @@ class Scheduler:
         from common.profile import Profile
         from workers.model.spec import load_spec
 
-        prefill_time = Profile.load(config.scheduler.profile).prefill_time if config.scheduler.profile else None
+        path = config.scheduler.profile
+        prefill_time = Profile.load(path).prefill_time if path not in ("", "auto") else None
         spec = load_spec(config.model.path)
         stages = config.parallel.num_stages
         core = SchedulerCore(make_policy(config.scheduler, prefill_time), stages, tuple(spec.eos_token_ids))
