@@ -15,8 +15,10 @@ declare -A WORKLOAD=(
 )
 for name in ${NAMES:-zipf azure_conv azure_code}; do
   args="${WORKLOAD[$name]} --num $NUM --seed 0 --no-progress"
-  $PY -m services.cli loadtest --launch --policies fcfs --saturation $args \
-      --out "bench/results/loadtest_saturation_${name}.json"
+  if [ -z "${REUSE_SATURATION:-}" ] || [ ! -f "bench/results/loadtest_saturation_${name}.json" ]; then
+    $PY -m services.cli loadtest --launch --policies fcfs --saturation $args \
+        --out "bench/results/loadtest_saturation_${name}.json"
+  fi
   sat=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['runs'][0]['summary']['saturation']['requests_per_s'])" \
         "bench/results/loadtest_saturation_${name}.json")
   rates=$($PY -c "import sys; s=float(sys.argv[1]); print(','.join(f'{s*f:.4f}' for f in (0.5, 0.8, 0.95)))" "$sat")
