@@ -144,13 +144,17 @@ def test_batch_limits_jobs_and_prefill_tokens():
     assert [j.job_id for j in policy.schedule(0.01, always)] == [0, 1, 2]
 
 
-def test_oversized_prompt_runs_alone_only_at_the_head():
+def test_oversized_prompt_is_the_only_prefill_of_its_batch():
     policy = FCFS(SchedulerConfig(max_jobs=4, max_prefill_tokens=100))
-    big, small = make_jobs([500, 10])
-    policy.add(big, 0.0)
-    policy.add(small, 0.0)
-    assert policy.schedule(0.0, always) == [big]
-    assert policy.schedule(0.0, lambda j: j is not big) == [small]
+    running, big, small, later = make_jobs([20, 500, 10, 30])
+    running.num_computed, running.num_generated = 20, 1  # decoding
+    for job in (running, big, small, later):
+        policy.add(job, 0.0)
+    # the decode job rides along; the long prompt takes the whole budget, so no other prefill joins
+    assert policy.schedule(0.0, always) == [running, big]
+    # once another prefill has been taken, the long prompt is passed over
+    assert policy.schedule(0.0, lambda j: j is not running and j is not big) == [small, later]
+    assert policy.schedule(0.0, lambda j: j is not running) == [big]
 
 
 def test_can_run_false_jobs_are_skipped():

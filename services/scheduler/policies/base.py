@@ -71,8 +71,11 @@ class Policy(abc.ABC):
         """Take candidates in order until max_jobs or the prefill token budget is reached.
 
         Prompt tokens (job.num_new_tokens of a job in prefill) count against max_prefill_tokens;
-        decode jobs count only against max_jobs. A job whose new tokens alone exceed the budget
-        runs alone when it is the first runnable candidate, and is passed over otherwise.
+        decode jobs count only against max_jobs. A prefill that does not fit what is left of the
+        budget is passed over. A prompt longer than the whole budget runs as the only prefill of
+        its batch: it is taken when no other prefill has been, and uses up the budget; decode
+        jobs still join. (Were it to run only when first in priority order, a long prompt behind
+        running jobs would wait until every one of them finished.)
         """
         max_jobs, limit = self.config.max_jobs, self.config.max_prefill_tokens
         batch: list[Job] = []
@@ -86,14 +89,13 @@ class Policy(abc.ABC):
             # job.num_new_tokens and job.is_prefill, inlined: this loop is the scheduler's hot path
             new = job.prompt_len + job.num_generated - job.num_computed
             if new > 1 or job.num_generated == 0:
-                if new > budget:
-                    if not batch and new > limit:
-                        return [job]
+                if new > budget and budget < limit:
                     skipped += 1
                     if skipped > MAX_SKIPPED:
                         break
                     continue
-                budget -= new
+                # a prompt longer than the whole budget takes all of it: no other prefill joins
+                budget = max(budget - new, 0)
             batch.append(job)
             if len(batch) >= max_jobs:
                 break
