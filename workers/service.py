@@ -115,6 +115,7 @@ class StageWorker:
             acks.cancel()
 
     async def on_batch(self, msg: StageBatch) -> None:
+        self.log.debug("batch_received", batch_id=msg.batch_id, t=time.time())
         self.submit_swaps(msg)
         hidden, tokens, compute_s, error = None, [], msg.compute_s, ""
         if msg.job_ids:
@@ -131,6 +132,7 @@ class StageWorker:
         if error or self.send_next is None:
             result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error)
             await sockets.send(self.send_to_scheduler, result)
+            self.log.debug("batch_done", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
             if error and self.send_next is not None:  # later stages still run this batch's swaps
                 empty = msg.sampling.select([])
                 msg = StageBatch(msg.batch_id, [], [], [], [], empty, msg.swap_out, msg.swap_in, None, None, compute_s)
@@ -139,6 +141,7 @@ class StageWorker:
             return
         forward = dataclasses.replace(msg, input_ids=None, hidden=hidden, compute_s=compute_s)
         await sockets.send(self.send_next, forward)
+        self.log.debug("batch_forwarded", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
         await self.report_acks()
 
     def submit_swaps(self, msg: StageBatch) -> None:

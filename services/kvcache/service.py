@@ -6,6 +6,7 @@ shared-memory host pool so that swapped-out KV outlives a worker restart. Copies
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ class KVCacheManager:
             await sockets.send(self.send_to_scheduler, BatchResult(msg.batch_id, [], [], 0.0, f"kvcache: {e}"))
 
     async def plan_batch(self, msg: ScheduleBatch) -> None:
+        self.log.debug("batch_received", batch_id=msg.batch_id, t=time.time())
         for job_id in msg.freed_job_ids:
             self.planner.free(job_id)
         books = self.planner.books
@@ -147,6 +149,7 @@ class KVCacheManager:
                 compute_s=0.0,
             ),
         )
+        self.log.debug("batch_forwarded", batch_id=msg.batch_id, t=time.time())
 
     async def on_swap_done(self, msg: SwapDone) -> None:
         self.copy_s += msg.copy_s

@@ -102,6 +102,7 @@ class Scheduler:
             if batch is None:
                 return
             await sockets.send(self.send_to_kvcache, batch)
+            self.log.debug("batch_sent", batch_id=batch.batch_id, jobs=len(batch.job_ids), t=time.time())
 
     async def emit(self, events: list[JobEvent]) -> None:
         if not events:
@@ -121,6 +122,7 @@ class Scheduler:
         self.core.on_planned(msg)
 
     async def on_result(self, msg: BatchResult) -> None:
+        self.log.debug("batch_result", batch_id=msg.batch_id, t=time.time())
         if msg.error:
             self.log.error("batch_failed", batch_id=msg.batch_id, error=msg.error)
         events = self.core.on_result(msg, self.clock())
