@@ -17,11 +17,11 @@ STYLE = {"skip-join-mlfq": "o-", "mlfq": "s--", "fcfs": "^-", "rtc": "x:", "srpt
 
 def plot_paper(data: dict, out: Path) -> None:
     cvs = sorted({p["cv"] for p in data["points"]})
-    fig, axes = plt.subplots(2, len(cvs), figsize=(4.2 * len(cvs), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(cvs), figsize=(4.2 * len(cvs), 10), squeeze=False)
     for col, cv in enumerate(cvs):
         points = sorted((p for p in data["points"] if p["cv"] == cv), key=lambda p: p["rate"])
         rates = [p["rate"] for p in points]
-        for row, stat in enumerate(("mean", "p99")):
+        for row, stat in enumerate(("mean", "p50", "p99")):
             ax = axes[row][col]
             for name in POLICIES:
                 ax.plot(rates, [p["policies"][name]["jct_s"][stat] for p in points], STYLE[name], label=name)
