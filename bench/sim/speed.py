@@ -15,8 +15,9 @@ import numpy as np
 
 from bench.costmodel import roofline
 from bench.sim.engine import simulate
+from bench.sim.kv import kv_memory_factory
 from bench.workloads import synthetic
-from common.config import POLICIES, SchedulerConfig
+from common.config import POLICIES, CacheConfig, SchedulerConfig
 from services.scheduler.job import Job
 from services.scheduler.policies import make_policy
 
@@ -60,13 +61,16 @@ def decision_time(name: str, queued: int = 10_000, iterations: int = 200) -> dic
     }
 
 
-def sim_speed(num_requests: int, rate: float, output_high: int) -> dict[str, float]:
+def sim_speed(num_requests: int, rate: float, output_high: int, kv: bool = False) -> dict[str, float]:
     workload = synthetic(num_requests, rate=rate, cv=1.0, output_zipf=(1.1, 1, output_high), seed=7)
     cost = roofline("A100-40GB", "gpt3-175b", tp=8, pp=2)
+    scheduler = SchedulerConfig()
+    memory = kv_memory_factory(CacheConfig(), scheduler, cost)() if kv else None
     t0 = time.perf_counter()
-    result = simulate(workload, make_policy(SchedulerConfig(), cost.prefill_time), cost)
+    result = simulate(workload, make_policy(scheduler, cost.prefill_time), cost, memory)
     wall = time.perf_counter() - t0
     return {
+        "memory": result.stats["memory"],
         "requests": num_requests,
         "workload": workload.describe(),
         "iterations": result.stats["iterations"],
@@ -81,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--rate", type=float, default=5.0, help="arrivals per second (GPT-3 175B, 16 x A100-40GB)")
     p.add_argument("--output-high", type=int, default=512, help="largest output length of the Zipf")
+    p.add_argument("--kv-requests", type=int, default=20_000, help="requests for the run with the KV planner")
     p.add_argument("--out", default="bench/results/sim_speed.json")
     args = p.parse_args(argv)
     result = {
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
         "decision": {name: decision_time(name) for name in POLICIES},
         "simulator": sim_speed(args.requests, args.rate, args.output_high),
+        "simulator_kv": sim_speed(args.kv_requests, args.rate, args.output_high, kv=True),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "simulator"} | {"simulator": {k: v for k, v in result["simulator"].items() if k != "workload"}}, indent=1))
+    brief = {k: {n: v for n, v in result[k].items() if n != "workload"} for k in ("simulator", "simulator_kv")}
+    print(json.dumps({"decision": result["decision"], **brief}, indent=1))
     return 0
 
 
