@@ -64,22 +64,28 @@ class Simulator:
         self.batch_jobs = 0
         self.decision_s = 0.0
         self.stuck_since: float | None = None
-        self.held: set[int] = set()  # picked but held back by memory since the last completion
+        self.held: set[int] = set()  # held back by memory since memory last changed
 
     def can_run(self, job: Job) -> bool:
         return job.job_id not in self.in_flight and job.job_id not in self.held
 
     def pick(self, t: float) -> tuple[list[Job], float]:
-        """The policy's batch after the memory model; jobs the memory model holds back are skipped
-        until the next batch completes, and the policy is asked again (a bounded number of times)."""
+        """The policy's batch after the memory model. As in the scheduler service, jobs the memory
+        model holds back are not picked again until memory changes (a copy lands, a job finishes,
+        or the loop stalls); if every picked job is held the policy is asked again at once, a
+        bounded number of times (the service would send an empty iteration instead)."""
+        if self.memory.poll(t):
+            self.held.clear()
         for _ in range(MAX_PICKS):
             t0 = time.perf_counter()
             picked = self.policy.schedule(t, self.can_run)
             self.decision_s += time.perf_counter() - t0
             batch, swap_s = self.memory.prepare(picked, self.policy, self.in_flight, t)
-            if batch or len(picked) == 0:
+            if len(batch) < len(picked):
+                ran = {job.job_id for job in batch}
+                self.held.update(job.job_id for job in picked if job.job_id not in ran)
+            if batch or not picked:
                 return batch, swap_s
-            self.held.update(job.job_id for job in picked)
         return [], 0.0
 
     def run(self) -> SimResult:
@@ -107,8 +113,9 @@ class Simulator:
                 if not len(self.policy):
                     break
                 nxt = self.wait_for_policy(t)
+            if not self.events and self.memory.next_ready_s() == float("inf"):
+                self.held.clear()  # stalled: nothing in flight or moving, so ask the held jobs again
             now = nxt
-            self.held.clear()  # time moves on: copies may have landed, so held jobs are asked again
         return SimResult(self.records, self.rejected, self.summary(time.perf_counter() - wall))
 
     def wait_for_policy(self, t: float) -> float:
@@ -172,7 +179,6 @@ class Simulator:
 
     def complete(self, flight: _InFlight) -> None:
         now = flight.done_s
-        self.held.clear()  # memory changed: held jobs may fit now
         for job in flight.batch:
             self.in_flight.discard(job.job_id)
             job.num_computed = job.context_len
@@ -187,6 +193,7 @@ class Simulator:
                 self.policy.remove(job)
                 self.memory.release(job)
                 self.records.append(self.record(job))
+                self.held.clear()  # its KV is freed: held jobs may fit now
             else:
                 self.ran_last[job.job_id] = job
 

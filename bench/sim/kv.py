@@ -47,15 +47,18 @@ class KVMemory:
     def next_ready_s(self) -> float:
         return self.copies[0][0] if self.copies else float("inf")
 
-    def settle(self, now: float) -> None:
-        """Acknowledge, on every stage, each copy that has finished by `now`."""
+    def poll(self, now: float) -> bool:
+        """Acknowledge, on every stage, each copy that has finished by `now`; True if any did."""
+        landed = False
         while self.copies and self.copies[0][0] <= now:
             _, op_id = heapq.heappop(self.copies)
             for stage in range(self.books.num_stages):
                 self.planner.ack(op_id, stage)
+            landed = True
+        return landed
 
     def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
-        self.settle(now)
+        self.poll(now)
         if not batch:
             return batch, 0.0
         tokens = {job.job_id: job.context_len for job in batch}

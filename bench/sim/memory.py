@@ -18,6 +18,9 @@ class Memory(Protocol):
     def release(self, job: Job) -> None:
         """The job finished: free its KV."""
 
+    def poll(self, now: float) -> bool:
+        """Complete the copies due by `now`; True when memory changed (held jobs may fit)."""
+
     def next_ready_s(self) -> float:
         """When the earliest copy in flight completes (inf if none): a time worth waking up at."""
 
@@ -37,6 +40,9 @@ class UnlimitedMemory:
 
     def release(self, job: Job) -> None:
         pass
+
+    def poll(self, now: float) -> bool:
+        return False
 
     def next_ready_s(self) -> float:
         return float("inf")

@@ -46,7 +46,7 @@ def test_every_mode_finishes_all_jobs_and_returns_all_blocks(mode):
     result, memory = run(mode, rows)
     assert sorted(r.request_id for r in result.records) == [0, 1, 2, 3]
     assert [r.output_len for r in sorted(result.records, key=lambda r: r.request_id)] == [6, 6, 4, 3]
-    memory.settle(float("inf"))
+    memory.poll(float("inf"))
     assert memory.planner.is_whole()
 
 
