@@ -7,8 +7,9 @@ Real: the default model, a device pool of `--blocks` blocks per stage (a fractio
 workload's live jobs hold), the same Zipf/Gamma workload and seed for every mode, one stack per mode
 in one run. Reports average and p99 JCT, the ratios against proactive, swaps and the fraction of copy
 time hidden behind computation (from the stage workers' copy executors, via the stats message).
-Sim: the same planner classes in the simulator with the GPT-3 175B roofline on A100-40GB, pipeline 16
-(one stage per GPU), the KV memory model, and host-device bandwidth from the cost model.
+Sim: the same planner classes in the simulator with the GPT-3 175B roofline on 16 A100-40GB (tensor
+parallel 8 inside a node, pipeline 2 across nodes), the KV memory model, and host-device bandwidth
+from the cost model; use a rate near saturation (4 requests/s) so that the KV pool is the limit.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def sim(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for mode in MODES:
         cmd = [sys.executable, "-m", "services.cli", "sim", "--json", "--policies", "skip-join-mlfq",
-               "--gpu", "A100-40GB", "--model", "gpt3-175b", "--pp", "16", "--tp", "1", "--memory", "kv",
+               "--gpu", "A100-40GB", "--model", "gpt3-175b", "--tp", "8", "--pp", "2", "--memory", "kv",
                "--num", str(args.num), "--rate", str(args.rate), "--cv", "2", "--seed", str(args.seed),
                "--set", f"cache.swap={mode}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -103,7 +104,7 @@ def sim(args: argparse.Namespace) -> dict[str, Any]:
                      "swaps_out": sim_stats.get("swaps_out", 0), "swaps_in": sim_stats.get("swaps_in", 0),
                      "dropped": sim_stats.get("dropped", 0), "copy_s": sim_stats.get("copy_s", 0.0)})
         print(f"{mode:>10}: avg JCT {jct(runs[-1], 'mean'):.2f} s  p99 {jct(runs[-1], 'p99'):.2f} s", flush=True)
-    return {"what": "simulator, GPT-3 175B, 16 x A100-40GB pipeline, skip-join-mlfq", "num": args.num,
+    return {"what": "simulator, GPT-3 175B, 16 x A100-40GB (TP 8 x PP 2), skip-join-mlfq", "num": args.num,
             "rate": args.rate, "cv": 2.0, "seed": args.seed, "runs": runs}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -70,6 +71,9 @@ class StageWorker:
     def from_config(cls, config: Any, stage: int, ctx: Any | None = None) -> "StageWorker":
         if config.model.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.num_stages))
+            # The CPU copy executor is a thread: hand it the GIL quickly, or a short copy waits out a
+            # whole 5 ms switch interval behind the compute's Python code and runs after it.
+            sys.setswitchinterval(0.0002)
         runner = StageRunner.from_config(config, stage)
         open_executor = None
         if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
@@ -115,7 +119,8 @@ class StageWorker:
             acks.cancel()
 
     async def on_batch(self, msg: StageBatch) -> None:
-        self.log.debug("batch_received", batch_id=msg.batch_id, t=time.time())
+        self.log.debug("batch_received", batch_id=msg.batch_id, jobs=len(msg.job_ids), swaps_out=len(msg.swap_out),
+                       swaps_in=len(msg.swap_in), t=time.time())
         self.submit_swaps(msg)
         hidden, tokens, compute_s, error = None, [], msg.compute_s, ""
         if msg.job_ids:
