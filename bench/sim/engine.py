@@ -17,7 +17,7 @@ from typing import Any
 from bench.costmodel import CostModel
 from bench.metrics import RequestRecord
 from bench.sim.memory import Memory, UnlimitedMemory
-from bench.workloads import Workload
+from bench.workloads import Request, Workload
 from services.scheduler.job import Job, JobStatus
 from services.scheduler.policies.base import Policy
 
@@ -56,7 +56,6 @@ class Simulator:
         self.events: list[tuple[float, int, _InFlight]] = []  # batch completions
         self.seq = 0
         self.first_scheduled: dict[int, float] = {}
-        self.swaps: dict[int, int] = {}
         self.records: list[RequestRecord] = []
         self.rejected: list[int] = []
         self.iterations = 0
@@ -129,7 +128,7 @@ class Simulator:
             raise RuntimeError(f"simulation stuck at t={t:.3f}s: {held} jobs held, none can run and nothing in flight")
         return t + config.starvation_check_s
 
-    def arrive(self, request) -> None:
+    def arrive(self, request: Request) -> None:
         job = Job(
             job_id=request.request_id,
             arrival_s=request.arrival_s,
