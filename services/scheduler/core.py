@@ -61,8 +61,10 @@ class Counters:
 class SchedulerCore:
     """Job pool and iteration bookkeeping around a policy; at most `num_stages` batches in flight."""
 
-    def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = (),
+                 send_run_order: bool = True) -> None:
         self.policy = policy
+        self.send_run_order = send_run_order  # only swapping needs it; it is O(jobs) per batch
         self.num_stages = num_stages
         self.eos_token_ids = frozenset(eos_token_ids)
         self.entries: dict[int, Entry] = {}
@@ -147,7 +149,7 @@ class SchedulerCore:
             sampling=sampling,
             input_ids=np.asarray(inputs, dtype=np.int64),
             freed_job_ids=self.to_free,
-            run_order=[j.job_id for j in self.policy.run_order(now)] if picked else [],
+            run_order=[j.job_id for j in self.policy.run_order(now)] if picked and self.send_run_order else [],
             in_flight_job_ids=in_flight,
         )
         self.to_free = []

@@ -71,7 +71,8 @@ class Scheduler:
         prefill_time = Profile.load(path).prefill_time if path not in ("", "auto") else None
         spec = load_spec(config.model.path)
         stages = config.parallel.num_stages
-        core = SchedulerCore(make_policy(config.scheduler, prefill_time), stages, tuple(spec.eos_token_ids))
+        core = SchedulerCore(make_policy(config.scheduler, prefill_time), stages, tuple(spec.eos_token_ids),
+                             send_run_order=config.cache.swap != "defer")
         ctx = ctx or sockets.context()
         ep = config.endpoints
         return cls(
