@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: a
                   slo: Any, batch_jobs: int) -> dict[str, Any]:
     workload = spec.build() if spec.rate is not None or spec.trace else spec.at_rate(1.0).build()
     sends = plan_mod.make_plan(workload, args.warmup, args.seed, burst=args.saturation)
+    load_before = os.getloadavg()  # other work on the machine skews latencies; recorded with the run
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -90,6 +92,7 @@ async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: a
     if args.saturation:
         summary["saturation"] = saturation(outcomes, batch_jobs)
     return {"rate": spec.rate, "workload": workload.describe(), "summary": summary,
+            "loadavg_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
             "records": [dataclasses.asdict(o) for o in outcomes]}
 
 
