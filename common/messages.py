@@ -222,6 +222,7 @@ class StageBatch:
     input_ids: np.ndarray | None  # [T] int64 on the way to stage 0, else None; T = sum(num_new_tokens)
     hidden: np.ndarray | None  # [T, hidden] activations between stages, else None
     compute_s: Annotated[float, Range(0.0)]  # compute seconds of the stages so far
+    flush: bool = False  # finish every copy submitted before this message first (after a stage restart)
 
     def __post_init__(self) -> None:
         _check_columns(self, ("job_ids", "num_new_tokens", "context_lens", "block_tables"))

@@ -140,7 +140,8 @@ class StageWorker:
             self.log.debug("batch_done", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
             if error and self.send_next is not None:  # later stages still run this batch's swaps
                 empty = msg.sampling.select([])
-                msg = StageBatch(msg.batch_id, [], [], [], [], empty, msg.swap_out, msg.swap_in, None, None, compute_s)
+                msg = StageBatch(msg.batch_id, [], [], [], [], empty, msg.swap_out, msg.swap_in, None, None, compute_s,
+                                 msg.flush)
                 await sockets.send(self.send_next, msg)
             await self.report_acks()
             return
@@ -150,6 +151,10 @@ class StageWorker:
         await self.report_acks()
 
     def submit_swaps(self, msg: StageBatch) -> None:
+        if msg.flush and self.executor is not None:
+            # A stage restarted and the KV manager wrote off every device block: copies still running
+            # here must land before those blocks are handed to other jobs by the batches that follow.
+            self.executor.flush()
         if not msg.swap_out and not msg.swap_in:
             return
         if self.executor is None:

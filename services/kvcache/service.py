@@ -17,6 +17,7 @@ from common.log import get_logger
 from common.messages import (
     BatchPlanned,
     BatchResult,
+    BatchSampling,
     Exit,
     KVChanged,
     Ready,
@@ -170,6 +171,11 @@ class KVCacheManager:
         """
         lost = self.planner.device_lost()
         self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
+        # Every stage finishes the copies it still runs before any later batch reuses the blocks.
+        # (Batch id 0 was the first batch long ago: the scheduler ignores its second result.)
+        barrier = StageBatch(0, [], [], [], [], BatchSampling([], [], [], [], []), [], [], np.zeros(0, np.int64),
+                             None, 0.0, flush=True)
+        await sockets.send(self.send_to_stage0, barrier)
         books = self.planner.books
         await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), list(lost)))
 
