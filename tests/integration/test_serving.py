@@ -145,3 +145,37 @@ async def test_malformed_traffic_gets_error_codes_and_the_stack_keeps_serving(st
     async with AsyncClient(stack.endpoint, timeout=60) as client:
         result = await bounded(client.generate(prompt_ids=[4, 5, 6], max_tokens=5))
     assert result.token_ids == reference([([4, 5, 6], 5)])[0]
+
+
+async def test_a_client_written_from_the_protocol_doc_streams_from_the_stack(stack):
+    """Plain pyzmq + msgpack, as docs/PROTOCOL.md describes: DEALER, [type byte, msgpack map] frames."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.endpoint)
+    try:
+        request = {"version": 1, "request_id": "doc-1", "prompt_ids": [7, 8, 9], "max_tokens": 12,
+                   "stream": True, "ignore_eos": True}
+        await sock.send_multipart([bytes([1]), msgpack.packb(request)])
+        tokens, streamed = [], 0
+        while True:
+            type_byte, payload = await bounded(sock.recv_multipart(), 60)
+            event = msgpack.unpackb(payload)
+            assert event["request_id"] == "doc-1"
+            tokens += event.get("token_ids", [])
+            if type_byte == bytes([8]):
+                streamed += 1
+                continue
+            assert type_byte == bytes([9]), event  # FinishEvent
+            break
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert streamed >= 1
+    assert (event["finish_reason"], event["prompt_tokens"], event["completion_tokens"]) == ("length", 3, 12)
+    engine = OfflineEngine.build("default", num_stages=1, num_blocks=64)
+    assert tokens == engine.generate([[7, 8, 9]], [SamplingParams(max_tokens=12, ignore_eos=True)])[0]
