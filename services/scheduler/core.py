@@ -6,7 +6,7 @@ service around it only moves messages; tests drive it with a fake pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

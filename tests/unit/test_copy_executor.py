@@ -1,6 +1,5 @@
 """Copy executor (CPU backend) and the overlap meter."""
 
-import threading
 
 import pytest
 import torch

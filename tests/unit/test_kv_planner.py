@@ -1,6 +1,5 @@
 """Planner: a hand-worked proactive sequence, each baseline mode, pipelines, and bad input."""
 
-import pytest
 
 from services.kvcache.books import Direction, KVBooks, Residency
 from services.kvcache.planner import Planner
