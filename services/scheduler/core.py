@@ -120,6 +120,11 @@ class SchedulerCore:
         if not self.can_send():
             return None
         picked = self.policy.schedule(now, self._can_run) if self.entries else []
+        if not picked and self.blocked and not self.in_flight and not self.copies_in_flight:
+            # Nothing runs and no memory event is coming: jobs held back for room try again now
+            # (a decision passes over a bounded number of held jobs, so many could hide the rest).
+            self.blocked.clear()
+            picked = self.policy.schedule(now, self._can_run)
         if not picked and not self.to_free:
             return None
         batch_id = self.next_batch_id

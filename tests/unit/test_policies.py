@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from common.config import ConfigError, SchedulerConfig
 from services.scheduler.job import Job, JobStatus
+from services.scheduler.policies.base import MAX_SKIPPED
 from services.scheduler.policies import FCFS, MLFQ, RunToCompletion, SRPTOracle, SkipJoinMLFQ, make_policy
 
 
@@ -265,21 +265,27 @@ def test_make_policy_and_errors():
         policy.add(job, 0.0)
 
 
-@pytest.mark.parametrize("name", ["skip-join-mlfq", "fcfs", "srpt-oracle"])
-def test_decision_time_with_10000_queued_jobs_under_1ms(name):
+@pytest.mark.parametrize("name", ["skip-join-mlfq", "mlfq", "fcfs", "srpt-oracle"])
+def test_a_decision_over_10000_queued_jobs_looks_at_a_bounded_number(name):
+    """The work of one decision is bounded by the batch, not the queue (its time is in bench/sim/speed.py)."""
     policy = make_policy(SchedulerConfig(policy=name), linear_prefill(0.0001))
-    jobs = [Job(job_id=i, arrival_s=i * 1e-3, prompt_len=1 + i % 700, max_tokens=50, oracle_output_len=1 + i % 50) for i in range(10_000)]
+    jobs = [Job(job_id=i, arrival_s=i * 1e-3, prompt_len=1 + i % 700, max_tokens=50, oracle_output_len=1 + i % 50)
+            for i in range(10_000)]
     for job in jobs:
         policy.add(job, job.arrival_s)
-    now, worst = 10.0, []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        batch = policy.schedule(now, always)
-        worst.append(time.perf_counter() - t0)
+    now = 10.0
+    for _ in range(20):
+        looked = []
+
+        def some_busy(job: Job) -> bool:  # 1 job in 4 is in a batch in flight or held back
+            looked.append(job.job_id)
+            return job.job_id % 4 != 0
+
+        batch = policy.schedule(now, some_busy)
+        assert 0 < len(batch) <= policy.config.max_jobs
+        assert len(looked) <= MAX_SKIPPED + policy.config.max_jobs + 1
         now += 0.02
         run(policy, batch, 0.02, now)
-    worst.sort()
-    assert worst[len(worst) // 2] < 1e-3
 
 
 def test_starvation_promotions_are_capped_per_check_longest_wait_first():

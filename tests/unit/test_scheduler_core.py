@@ -153,3 +153,23 @@ def test_restart_loses_batches_in_flight_and_recomputes_dropped_jobs():
     batches = [core.next_batch(0.2), core.next_batch(0.2)]
     runs = {j: (b.num_new_tokens[i], b.context_lens[i]) for b in batches for i, j in enumerate(b.job_ids)}
     assert runs == {1: (3, 0), 2: (1, 0)}
+
+
+def test_held_jobs_retry_when_nothing_runs_and_no_memory_event_is_coming():
+    core = make_core(max_jobs=1)
+    core.submit(submit(1, [1, 2], 5), 0.0)
+    b = core.next_batch(0.0)
+    core.on_planned(BatchPlanned(b.batch_id, [1], [], 0, 0))  # held back, no copy pending
+    assert core.blocked == {1}
+    core.on_result(BatchResult(b.batch_id, [], [], 0.0, ""), 0.1)  # the iteration ran nothing
+    retry = core.next_batch(0.1)
+    assert retry is not None and retry.job_ids == [1]
+
+
+def test_a_long_run_of_held_jobs_cannot_hide_the_runnable_ones_forever():
+    core = make_core(max_jobs=4)
+    for j in range(600):
+        core.submit(submit(j, [1], 5), 0.0)
+    core.blocked = set(range(520))  # held back by the KV manager, ahead of every runnable job in FCFS order
+    b = core.next_batch(0.0)
+    assert b is not None and len(b.job_ids) == 4
