@@ -54,3 +54,16 @@ def run_process(role: str, serve: Callable[[], Awaitable[None]], stage: int | No
         log.exception("crashed")
         return 1
     return 0
+
+
+def run_service(role: str, build: Callable[[], Any], stage: int | None = None, log_level: str = "info") -> int:
+    """Build a service (its `from_config`), run its loop, and close its sockets however the loop ends."""
+
+    async def serve() -> None:
+        service = build()
+        try:
+            await service.run()
+        finally:
+            service.close()
+
+    return run_process(role, serve, stage, log_level)

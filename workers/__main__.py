@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from common.process import parse, run_process
+from common import config as config_mod
+from common.process import parse, run_service
 from workers.service import StageWorker
 
 
-def run_worker(config, stage: int, log_level: str = "info") -> int:
-    async def serve() -> None:
-        worker = StageWorker.from_config(config, stage)
-        try:
-            await worker.run()
-        finally:
-            worker.close()
-
-    return run_process("worker", serve, stage=stage, log_level=log_level)
+def run_worker(config: config_mod.Config, stage: int, log_level: str = "info") -> int:
+    """Serve stage `stage` until SIGINT/SIGTERM; a crash is logged and turned into exit status 1."""
+    return run_service("worker", lambda: StageWorker.from_config(config, stage), stage, log_level)
 
 
 def main(argv: list[str]) -> int:

@@ -5,21 +5,13 @@ from __future__ import annotations
 import sys
 
 from common import config as config_mod
-from common.process import parse, run_process
+from common.process import parse, run_service
 from services.ingress.service import Ingress
 
 
 def run_ingress(config: config_mod.Config, log_level: str = "info") -> int:
-    """Serve clients until interrupted; a crash is logged and turned into exit status 1."""
-
-    async def serve() -> None:
-        ingress = Ingress.from_config(config)
-        try:
-            await ingress.run()
-        finally:
-            ingress.close()
-
-    return run_process("ingress", serve, log_level=log_level)
+    """Serve until SIGINT/SIGTERM; a crash is logged and turned into exit status 1."""
+    return run_service("ingress", lambda: Ingress.from_config(config), log_level=log_level)
 
 
 def main(argv: list[str]) -> int:

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from common.process import parse, run_process
+from common import config as config_mod
+from common.process import parse, run_service
 from services.kvcache.service import KVCacheManager
 
 
-def run_kvcache(config, log_level: str = "info") -> int:
-    async def serve() -> None:
-        manager = KVCacheManager.from_config(config)
-        try:
-            await manager.run()
-        finally:
-            manager.close()
-
-    return run_process("kvcache", serve, log_level=log_level)
+def run_kvcache(config: config_mod.Config, log_level: str = "info") -> int:
+    """Serve until SIGINT/SIGTERM; a crash is logged and turned into exit status 1."""
+    return run_service("kvcache", lambda: KVCacheManager.from_config(config), log_level=log_level)
 
 
 def main(argv: list[str]) -> int:
