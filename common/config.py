@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("skip-join-mlfq", "mlfq", "fcfs", "rtc", "srpt-oracle")
+POLICIES = ("skip-join-mlfq", "mlfq", "fcfs", "orca", "rtc", "srpt-oracle")
 SWAP_MODES = ("proactive", "reactive", "recompute", "defer")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -69,6 +69,9 @@ class SchedulerConfig:
     demote_to: str = "front"  # "front" or "back" of the lower queue
     profile: str = "auto"  # JSON from `fastserve profile`; "auto": the launcher profiles once per machine and model; "" = none
     max_jobs_in_system: int = 1024  # admission bound: accepted, unfinished jobs
+    max_started: int = 0  # fixed bound on started-but-unfinished jobs; 0 = the memory-aware rule (SCHEDULING.md)
+    start_host_fraction: float = 0.5  # share of the host KV pool that preempted started jobs may fill
+    service_share: str = "own"  # "own": a job is charged its share of an iteration; "iteration": all of it
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -80,6 +83,10 @@ class SchedulerConfig:
             raise ConfigError("scheduler.base_quantum_s must be > 0 and scheduler.quantum_ratio >= 1")
         if self.starvation_limit_s <= 0 or self.starvation_check_s <= 0:
             raise ConfigError("scheduler.starvation_limit_s and starvation_check_s must be > 0")
+        if self.max_started < 0 or not 0.0 <= self.start_host_fraction <= 1.0:
+            raise ConfigError("scheduler.max_started must be >= 0 and scheduler.start_host_fraction in [0, 1]")
+        if self.service_share not in ("own", "iteration"):
+            raise ConfigError(f"scheduler.service_share is {self.service_share!r}; use 'own' or 'iteration'")
         if self.demote_to not in ("front", "back"):
             raise ConfigError(f"scheduler.demote_to is {self.demote_to!r}; use 'front' or 'back'")
         if self.profile not in ("", "auto") and not Path(self.profile).is_file():

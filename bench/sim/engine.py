@@ -50,6 +50,8 @@ class Simulator:
         self.cost = cost
         self.memory = memory or UnlimitedMemory()
         self.stages = cost.num_stages
+        self.max_context = int(workload.info.get("max_context", 0) or 0)  # 0: no bound, max_tokens = output
+        policy.set_limits(self.stages, self.memory.capacity())
         self.stage_free = [0.0] * self.stages
         self.in_flight: set[int] = set()
         self.ran_last: dict[int, Job] = {}  # jobs whose last batch finished and that could run again
@@ -129,11 +131,14 @@ class Simulator:
         return t + config.starvation_check_s
 
     def arrive(self, request: Request) -> None:
+        # A client does not know the output length: it bounds it by what the context has left (as
+        # the paper's Orca reserves for); the job ends at its true length, which only the oracle sees.
+        max_tokens = max(request.output_len, self.max_context - request.input_len)
         job = Job(
             job_id=request.request_id,
             arrival_s=request.arrival_s,
             prompt_len=request.input_len,
-            max_tokens=request.output_len,
+            max_tokens=max_tokens,
             oracle_output_len=request.output_len,
         )
         if not self.memory.admit(job):

@@ -21,6 +21,7 @@ from services.kvcache.books import Direction, KVBooks
 from services.kvcache.planner import Planner
 from services.scheduler.job import Job
 from services.scheduler.policies.base import Policy
+from services.scheduler.policies.starts import Capacity
 
 # Host pool size relative to the device pool when the device pool comes from a roofline's
 # capacity (a GPU server has several times more host memory than GPU memory).
@@ -91,6 +92,10 @@ class KVMemory:
 
     def release(self, job: Job) -> None:
         self.planner.free(job.job_id)
+
+    def capacity(self) -> Capacity:
+        books = self.books
+        return Capacity(books.device.num_blocks, books.host.num_blocks, books.block_size, self.planner.headroom)
 
     def swaps_of(self, job: Job) -> int:
         return self.swaps.pop(job.job_id, 0)

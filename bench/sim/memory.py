@@ -6,6 +6,7 @@ from typing import Any, Collection, Protocol
 
 from services.scheduler.job import Job
 from services.scheduler.policies.base import Policy
+from services.scheduler.policies.starts import Capacity
 
 
 class Memory(Protocol):
@@ -25,6 +26,9 @@ class Memory(Protocol):
         """When the earliest copy in flight completes (inf if none): a time worth waking up at."""
 
     def swaps_of(self, job: Job) -> int: ...
+
+    def capacity(self) -> Capacity | None:
+        """The pools the policy bounds starts by; None when memory is not the limit."""
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -49,6 +53,9 @@ class UnlimitedMemory:
 
     def swaps_of(self, job: Job) -> int:
         return 0
+
+    def capacity(self) -> Capacity | None:
+        return None
 
     def stats(self) -> dict[str, Any]:
         return {"memory": "unlimited"}

@@ -89,6 +89,8 @@ class Planner:
         {"proactive": self._proactive, "reactive": self._reactive, "recompute": self._recompute, "defer": self._defer}[
             self.mode
         ](step)
+        if self.mode != "defer" and self._stalled(step):
+            self._yield_to_first(step)
         self._counts["iterations"] += 1
         self._counts["held"] += len(step.held)
         self._counts["offload_iterations"] += bool(step.swap_out)
@@ -178,6 +180,36 @@ class Planner:
         if self.books.grow(job, tokens):
             step.held.remove(job)
             step.tables[job] = self.books.block_table(job)
+
+    def _stalled(self, step: _Step) -> bool:
+        """Nothing runs, nothing is in flight and no copy is coming back: waiting changes nothing."""
+        return bool(step.held) and not step.tables and not step.in_flight and not step.swap_out \
+            and not step.swap_in and not self.books.pending_ops()
+
+    def _yield_to_first(self, step: _Step) -> None:
+        """The picked jobs hold each other's room (each needs a block another holds; with bounded
+        starts no newcomer displaces them). The later picked jobs give their device blocks up,
+        offloaded or, with a full host pool, dropped, until the first held job's need is covered."""
+        first = step.held[0]
+        if self.books.state(first) not in (None, Residency.DROPPED, Residency.DEVICE):
+            return
+        need = self.books.extra_blocks(first, step.batch[first]) - self.books.device.num_free
+        for job in reversed(step.batch):
+            if need <= 0:
+                break
+            if job == first or self.books.state(job) is not Residency.DEVICE:
+                continue
+            size = len(self.books.get(job).device)
+            op = self.books.swap_out(job) if self.mode in ("proactive", "reactive") else None
+            if op is not None:
+                step.swap_out.append(op)
+            else:
+                self.books.drop(job)
+                step.dropped.append(job)
+            need -= size
+        if self.books.grow(first, step.batch[first]):  # room freed by drops is usable at once
+            step.held.remove(first)
+            step.tables[first] = self.books.block_table(first)
 
     # ---- pieces --------------------------------------------------------------------------------
     def _grow_or_hold(self, step: _Step, job: JobId, tokens: int) -> None:

@@ -64,6 +64,7 @@ class SchedulerCore:
     def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = (),
                  send_run_order: bool = True) -> None:
         self.policy = policy
+        policy.set_limits(num_stages, None)  # the KV capacity comes with the KV manager's report
         self.send_run_order = send_run_order  # only swapping needs it; it is O(jobs) per batch
         self.num_stages = num_stages
         self.eos_token_ids = frozenset(eos_token_ids)

@@ -123,12 +123,12 @@ class FakeStack:
         in_flight = {j for b in self.flight for j in b}
         plan = self.p.plan(batch, order, in_flight)
         assert set(plan.run) | set(plan.held) == set(batch)
-        for op in plan.swap_out:
-            assert op.job_id not in batch and op.job_id not in in_flight
+        for op in plan.swap_out:  # a picked job may be offloaded only when it is held (it yields its room)
+            assert op.job_id not in plan.block_tables and op.job_id not in in_flight
         if self.p.mode == "proactive":
             assert not (plan.swap_out and plan.swap_in)
         for job in plan.dropped:
-            assert job not in batch and job not in in_flight
+            assert job not in plan.block_tables and job not in in_flight
             self.valid.pop(job, None)
         for op in (*plan.swap_out, *plan.swap_in):
             self.ops[op.op_id] = op

@@ -133,6 +133,7 @@ def test_starvation_measured_from_last_run():
 
 def test_batch_limits_jobs_and_prefill_tokens():
     policy = FCFS(SchedulerConfig(max_jobs=3, max_prefill_tokens=100))
+    policy.set_limits(2, None)  # two stages: a second batch may start jobs too
     jobs = make_jobs([60, 50, 30, 10, 5])
     for job in jobs:
         policy.add(job, 0.0)
@@ -196,6 +197,7 @@ def test_rtc_admits_no_new_job_until_its_batch_drains():
 
 def test_rtc_forms_a_second_batch_only_while_the_first_is_in_flight():
     policy = RunToCompletion(SchedulerConfig(max_jobs=2))
+    policy.set_limits(2, None)
     jobs = make_jobs([4, 4, 4, 4, 4])
     for job in jobs:
         policy.add(job, 0.0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from common.config import SchedulerConfig
 from services.scheduler.policies.base import Policy, PrefillTime
-from services.scheduler.policies.fcfs import FCFS, RunToCompletion
+from services.scheduler.policies.fcfs import FCFS, Orca, RunToCompletion
 from services.scheduler.policies.mlfq import MLFQ, SkipJoinMLFQ
 from services.scheduler.policies.srpt import SRPTOracle
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (SkipJoinMLFQ, MLFQ, FCFS, RunToCompletion, SRPTOracle)
+    cls.name: cls for cls in (SkipJoinMLFQ, MLFQ, FCFS, Orca, RunToCompletion, SRPTOracle)
 }
 
 
@@ -22,4 +22,4 @@ def make_policy(config: SchedulerConfig, prefill_time: PrefillTime | None = None
     return cls(config, prefill_time)
 
 
-__all__ = ["MLFQ", "FCFS", "Policy", "POLICY_CLASSES", "RunToCompletion", "SRPTOracle", "SkipJoinMLFQ", "make_policy"]
+__all__ = ["MLFQ", "FCFS", "Orca", "Policy", "POLICY_CLASSES", "RunToCompletion", "SRPTOracle", "SkipJoinMLFQ", "make_policy"]

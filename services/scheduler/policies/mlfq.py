@@ -10,6 +10,7 @@ from typing import Iterator
 from common.config import SchedulerConfig
 from services.scheduler.job import Job
 from services.scheduler.policies.base import CanRun, Policy, PrefillTime, check_new
+from services.scheduler.policies.starts import OutputLengths
 
 # Promotions per starvation check, in units of max_jobs: a burst of starved jobs cannot all run
 # in the next iteration anyway, and promoting 10,000 at once would stall one decision for ~5 ms.
@@ -33,6 +34,9 @@ class MLFQ(Policy):
 
     def __init__(self, config: SchedulerConfig, prefill_time: PrefillTime | None = None) -> None:
         super().__init__(config, prefill_time)
+        # Attained service is MLFQ's only guess at a job's size; the finished lengths say when
+        # that guess is worth preempting for (starts.py).
+        self.lengths = OutputLengths()
         self.quanta = [config.base_quantum_s * config.quantum_ratio**i for i in range(config.num_levels)]
         self.levels: list[OrderedDict[int, Job]] = [OrderedDict() for _ in self.quanta]
         # job_id -> (start of the current wait, job), ordered by that start: the starvation check
@@ -62,6 +66,10 @@ class MLFQ(Policy):
             raise KeyError(f"job {job.job_id} is not held by the {self.name} policy")
         del self.waits[job.job_id]
         del self.levels[job.level][job.job_id]
+        self.forget(job)
+
+    def rank_key(self, job: Job) -> tuple:
+        return (job.level,)
 
     def schedule(self, now: float, can_run: CanRun) -> list[Job]:
         if self.promotion_backlog or now - self.last_check_s >= self.config.starvation_check_s - TIME_EPS_S:

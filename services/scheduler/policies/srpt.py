@@ -42,6 +42,10 @@ class SRPTOracle(Policy):
         if self.jobs.pop(job.job_id, None) is None:
             raise KeyError(f"job {job.job_id} is not held by the {self.name} policy")
         del self.version[job.job_id]
+        self.forget(job)
+
+    def rank_key(self, job: Job) -> tuple:
+        return (job.remaining_tokens,)
 
     def live_entries(self):
         """Pop entries in priority order, dropping stale ones; the caller pushes back what it saw."""
