@@ -42,6 +42,7 @@ class CacheConfig:
     num_host_blocks: int = 4096  # blocks per stage in the shared-memory host pool; 0 disables swapping
     swap: str = "proactive"  # proactive | reactive | recompute | defer
     headroom_blocks: int = 8  # free device blocks kept for arrivals
+    upload_wait: bool = True  # proactive: a picked job whose upload is in flight runs, compute waiting for it
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

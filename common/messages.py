@@ -38,6 +38,7 @@ class MsgType(IntEnum):
     BATCH_RESULT = 35
     SWAP_DONE = 36
     KV_CHANGED = 37
+    KV_CAPACITY = 38
 
 
 FINISH_REASONS = ("", "stop", "length", "cancelled", "error")  # "" while the job runs
@@ -259,3 +260,14 @@ class KVChanged:
     free_blocks: Annotated[int, Range(0)]  # device blocks free now
     copies_in_flight: Annotated[int, Range(0)]  # swap ops not yet acknowledged by every stage
     dropped_job_ids: list[int]  # KV lost (a stage restarted with an empty pool): these jobs recompute
+
+
+@message(MsgType.KV_CAPACITY)
+@dataclass(frozen=True)
+class KVCapacity:
+    """KV-cache manager -> scheduler, before its Ready: the pools the policy bounds starts by."""
+
+    device_blocks: Annotated[int, Range(1)]  # blocks of the device pool (each stage has as many)
+    host_blocks: Annotated[int, Range(0)]  # blocks of the host pool usable for swaps; 0 = none
+    block_size: Annotated[int, Range(1)]  # tokens per block
+    headroom_blocks: Annotated[int, Range(0)]  # device blocks kept free for growth and arrivals

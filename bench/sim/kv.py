@@ -35,6 +35,7 @@ class KVMemory:
         self.cost = cost
         self.link_free = {Direction.OUT: 0.0, Direction.IN: 0.0}
         self.copies: list[tuple[float, int]] = []  # (done time, op id)
+        self.done_at: dict[int, float] = {}  # op id -> done time, for copies in flight
         self.copy_s = 0.0
         self.swaps: Counter[int] = Counter()
         self.rejected = 0
@@ -53,6 +54,7 @@ class KVMemory:
         landed = False
         while self.copies and self.copies[0][0] <= now:
             _, op_id = heapq.heappop(self.copies)
+            del self.done_at[op_id]
             for stage in range(self.books.num_stages):
                 self.planner.ack(op_id, stage)
             landed = True
@@ -68,16 +70,19 @@ class KVMemory:
         by_id = {job.job_id: job for job in order} if plan.dropped else {}
         for job_id in plan.dropped:
             by_id[job_id].num_computed = 0  # resumes by recomputing prompt + generated tokens
-        wait = 0.0
         for op in (*plan.swap_out, *plan.swap_in):
             start = max(now, self.link_free[op.direction])
             seconds = self.cost.swap_time(len(op.pairs) * self.books.block_size)
             done = self.link_free[op.direction] = start + seconds
             self.copy_s += seconds
             heapq.heappush(self.copies, (done, op.op_id))
+            self.done_at[op.op_id] = done
             self.swaps[op.job_id] += 1
-            if op.direction is Direction.IN and op.job_id in plan.block_tables:
-                wait = max(wait, done - now)  # reactive: compute waits for this upload
+        wait = 0.0
+        for job_id in plan.block_tables:  # compute waits for the uploads of the jobs it runs
+            entry = self.books.get(job_id)
+            if entry.op_id is not None:
+                wait = max(wait, self.done_at[entry.op_id] - now)
         return [job for job in batch if job.job_id in plan.block_tables], wait
 
     def needs_order(self, tokens: dict[int, int]) -> bool:
@@ -117,6 +122,6 @@ def kv_memory_factory(cache: CacheConfig, scheduler: SchedulerConfig, cost: Cost
 
     def make() -> KVMemory:
         books = KVBooks(cache.num_gpu_blocks, cache.num_host_blocks, cache.block_size, cost.num_stages)
-        return KVMemory(Planner(books, cache.swap, cache.headroom_blocks, scheduler.max_jobs), cost)
+        return KVMemory(Planner(books, cache.swap, cache.headroom_blocks, scheduler.max_jobs, cache.upload_wait), cost)
 
     return make

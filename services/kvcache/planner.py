@@ -2,7 +2,8 @@
 
 Design note: the planner only decides; copies run in the stage workers and come back as acks. A block
 whose copy is in flight is never handed out again before its ack, and a job whose blocks are moving is
-never in a batch (the one exception, `reactive`, is the baseline that makes compute wait for the copy).
+never in a batch, with two exceptions that make compute wait for the copy: `reactive` (the baseline) and a
+proactive upload still in flight when its job is picked (`upload_wait`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class _Step:
 class Planner:
     """Swap policy over KVBooks; clock-free, so the simulator drives it with modelled time."""
 
-    def __init__(self, books: KVBooks, mode: str = "proactive", headroom_blocks: int = 8, max_jobs: int = 16) -> None:
+    def __init__(self, books: KVBooks, mode: str = "proactive", headroom_blocks: int = 8, max_jobs: int = 16,
+                 upload_wait: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"swap mode is {mode!r}; use one of {', '.join(MODES)}")
         if not 0 <= headroom_blocks < max(1, books.device.num_blocks):
@@ -67,6 +69,7 @@ class Planner:
         self.mode = mode
         self.headroom = headroom_blocks
         self.max_jobs = max_jobs
+        self.upload_wait = upload_wait
         self._counts = dict(iterations=0, held=0, offload_iterations=0, upload_iterations=0)
 
     @classmethod
@@ -74,7 +77,7 @@ class Planner:
         """Planner over fresh books sized by a common.config.Config."""
         cache = config.cache
         books = KVBooks(cache.num_gpu_blocks, cache.num_host_blocks, cache.block_size, config.parallel.num_stages)
-        return cls(books, cache.swap, cache.headroom_blocks, config.scheduler.max_jobs)
+        return cls(books, cache.swap, cache.headroom_blocks, config.scheduler.max_jobs, cache.upload_wait)
 
     # ---- the iteration -------------------------------------------------------------------------
     def plan(
@@ -102,6 +105,10 @@ class Planner:
         for job, tokens in step.batch.items():
             state = books.state(job)
             if state in (None, Residency.DROPPED, Residency.DEVICE):
+                self._grow_or_hold(step, job, tokens)
+            elif state is Residency.SWAPPING_IN and self.upload_wait:
+                # Its upload started an iteration or more ago, so what is left of the copy costs less
+                # than skipping the iteration: it runs, and the stage's compute waits for the copy.
                 self._grow_or_hold(step, job, tokens)
             else:  # its blocks are moving, or it waits in the host pool for an upload
                 step.held.append(job)

@@ -19,6 +19,7 @@ from common.messages import (
     BatchResult,
     BatchSampling,
     Exit,
+    KVCapacity,
     KVChanged,
     Ready,
     ScheduleBatch,
@@ -89,7 +90,13 @@ class KVCacheManager:
             block_bytes=sum(layout.block_bytes(k) for k in range(layout.num_stages)),
         )
 
+    def capacity(self) -> KVCapacity:
+        books, swaps = self.planner.books, self.planner.mode in ("proactive", "reactive")
+        return KVCapacity(books.device.num_blocks, books.host.num_blocks if swaps else 0, books.block_size,
+                          self.planner.headroom)
+
     async def run(self) -> None:
+        await sockets.send(self.send_to_scheduler, self.capacity())  # the scheduler bounds starts by it
         for sock in (self.send_to_scheduler, self.send_to_control):
             if sock is not None:
                 await sockets.send(sock, Ready("kvcache", -1))

@@ -15,12 +15,14 @@ from common.messages import (
     BatchResult,
     BatchSampling,
     JobEvent,
+    KVCapacity,
     KVChanged,
     ScheduleBatch,
     SubmitJob,
 )
 from services.scheduler.job import Job, JobStatus
 from services.scheduler.policies.base import Policy
+from services.scheduler.policies.starts import Capacity
 
 
 @dataclass
@@ -197,6 +199,11 @@ class SchedulerCore:
                     self.counters.held_back += 1
         self._recompute(msg.dropped_job_ids)
         self.copies_in_flight = msg.copies_in_flight
+
+    def set_capacity(self, msg: KVCapacity) -> None:
+        """The KV manager's pools (sent when it starts, and again after a restart): starts follow them."""
+        capacity = Capacity(msg.device_blocks, msg.host_blocks, msg.block_size, msg.headroom_blocks)
+        self.policy.set_limits(self.num_stages, capacity)
 
     def on_kv_changed(self, msg: KVChanged) -> None:
         """A copy was acknowledged or KV was lost: jobs held back may fit or be resident now."""

@@ -15,6 +15,7 @@ from common.messages import (
     Exit,
     JobEvent,
     JobEvents,
+    KVCapacity,
     KVChanged,
     Ready,
     Stats,
@@ -24,7 +25,7 @@ from common.messages import (
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policies import make_policy
 
-INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, Ready, Exit)
+INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, KVCapacity, Ready, Exit)
 
 
 class Scheduler:
@@ -58,6 +59,7 @@ class Scheduler:
             BatchPlanned: self.on_planned,
             BatchResult: self.on_result,
             KVChanged: self.on_kv_changed,
+            KVCapacity: self.on_kv_capacity,
             Ready: self.on_ready,
             Exit: self.on_exit,
         }
@@ -132,6 +134,12 @@ class Scheduler:
 
     async def on_kv_changed(self, msg: KVChanged) -> None:
         self.core.on_kv_changed(msg)
+
+    async def on_kv_capacity(self, msg: KVCapacity) -> None:
+        self.log.info("kv_capacity", device_blocks=msg.device_blocks, host_blocks=msg.host_blocks,
+                      block_size=msg.block_size)
+        self.core.set_capacity(msg)
+        await self.pump()
 
     async def on_stats_request(self, msg: StatsRequest) -> None:
         await sockets.send(self.send_to_kvcache, msg)  # the KV manager answers with its counters

@@ -135,8 +135,8 @@ class FakeStack:
         for job, table in plan.block_tables.items():
             entry = self.p.books.get(job)
             assert len(table) == self.p.books.blocks_for(batch[job])
-            if entry.op_id is not None:  # only reactive runs a job whose upload is in flight
-                assert self.p.mode == "reactive" and entry.state is Residency.SWAPPING_IN
+            if entry.op_id is not None:  # reactive, or proactive's upload_wait, runs a job whose upload is in flight
+                assert self.p.mode in ("reactive", "proactive") and entry.state is Residency.SWAPPING_IN
                 self.copy(self.ops[entry.op_id])  # the compute waits for it
             for i in range(self.valid.get(job, 0)):
                 assert self.device.get(table[i]) == (job, i), f"{job} block {i} corrupted"

@@ -5,8 +5,9 @@ from services.kvcache.books import Direction, KVBooks, Residency
 from services.kvcache.planner import Planner
 
 
-def make_planner(mode="proactive", device=10, host=20, block_size=4, headroom=2, max_jobs=2, stages=1):
-    return Planner(KVBooks(device, host, block_size, stages), mode, headroom, max_jobs)
+def make_planner(mode="proactive", device=10, host=20, block_size=4, headroom=2, max_jobs=2, stages=1,
+                 upload_wait=False):
+    return Planner(KVBooks(device, host, block_size, stages), mode, headroom, max_jobs, upload_wait)
 
 
 def test_proactive_hand_worked_sequence():
@@ -69,6 +70,31 @@ def test_proactive_hand_worked_sequence():
 
 def plan_op(p, job):
     return p.books.get(job).op_id
+
+
+def test_upload_wait_runs_a_picked_job_whose_upload_is_in_flight():
+    p = make_planner(upload_wait=True)
+    p.plan({"A": 8, "B": 8}, ["A", "B"])
+    p.plan({"C": 8, "D": 8}, ["C", "D", "A", "B"])
+    plan = p.plan({"E": 12, "C": 9}, ["E", "C", "D", "A", "B"])  # B and A go out, as in the sequence above
+    for op in plan.swap_out:
+        p.ack(op.op_id)
+    p.plan({"E": 12, "C": 11}, ["E", "C", "D", "A", "B"])
+    p.free("C")
+    plan = p.plan({"E": 13}, ["E", "A", "D", "B"])  # A is uploaded ahead of need
+    op_a = plan_op(p, "A")
+    assert [op.job_id for op in plan.swap_in] == ["A"]
+    # A is picked before its upload is acknowledged: it runs now in the blocks the upload fills,
+    # plus one for its 9th token (the worker's compute waits for the copy), instead of skipping.
+    plan = p.plan({"E": 14, "A": 9}, ["E", "A", "D", "B"])
+    assert plan.block_tables == {"E": (0, 1, 2, 4), "A": (5, 8, 3)} and not plan.held
+    assert p.books.state("A") is Residency.SWAPPING_IN and plan_op(p, "A") == op_a
+    assert p.ack(op_a) and p.books.state("A") is Residency.DEVICE
+    for op in plan.swap_out:  # D leaves to win back the headroom, as in step 8 above
+        p.ack(op.op_id)
+    for job in "ABDE":
+        p.free(job)
+    assert p.is_whole()
 
 
 def test_no_upload_in_an_iteration_that_offloads():
