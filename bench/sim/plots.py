@@ -12,14 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import POLICIES  # noqa: E402
 
-STYLE = {"skip-join-mlfq": "o-", "mlfq": "s--", "fcfs": "^-", "rtc": "x:", "srpt-oracle": "d-."}
+STYLE = {"skip-join-mlfq": "o-", "mlfq": "s--", "fcfs": "^-", "orca": "v-", "rtc": "x:", "srpt-oracle": "d-."}
 
 
 def plot_paper(data: dict, out: Path) -> None:
     cvs = sorted({p["cv"] for p in data["points"]})
     fig, axes = plt.subplots(3, len(cvs), figsize=(4.2 * len(cvs), 10), squeeze=False)
     for col, cv in enumerate(cvs):
-        points = sorted((p for p in data["points"] if p["cv"] == cv), key=lambda p: p["rate"])
+        points = sorted((p for p in data["points"] if p["cv"] == cv and p.get("zipf", 1.1) == 1.1), key=lambda p: p["rate"])
         rates = [p["rate"] for p in points]
         for row, stat in enumerate(("mean", "p50", "p99")):
             ax = axes[row][col]
@@ -32,6 +32,37 @@ def plot_paper(data: dict, out: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("GPT-3 175B on 16 x A100-40GB (TP 8 x PP 2), Zipf lengths, simulated")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_skew(data: dict, out: Path) -> None:
+    """JCT against the Zipf exponent of the lengths, and each policy's gain over orca and fcfs."""
+    by_skew = {}
+    for p in data["points"]:
+        if (p["rate"], p["cv"]) == (4.0, 2.0):
+            by_skew[p.get("zipf", 1.1)] = p
+    if len(by_skew) < 2:
+        return
+    skews = sorted(by_skew)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for name in POLICIES:
+        axes[0].plot(skews, [by_skew[z]["policies"][name]["jct_s"]["mean"] for z in skews], STYLE[name], label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean JCT (s)")
+    for ax, base in zip(axes[1:], ("orca", "fcfs")):
+        for name in POLICIES:
+            if name != base:
+                ax.plot(skews, [by_skew[z]["policies"][base]["jct_s"]["mean"] / by_skew[z]["policies"][name]["jct_s"]["mean"]
+                                for z in skews], STYLE[name], label=name)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel(f"{base} mean JCT / policy's")
+    for ax in axes:
+        ax.set_xlabel("Zipf exponent of input and output lengths")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("GPT-3 175B on 16 x A100-40GB, 4 req/s, CV 2, simulated: skew")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -64,3 +95,6 @@ def plot_all(results: Path, img: Path) -> None:
         if path.is_file():
             fn(json.loads(path.read_text()), img / f"sim_{name}.png")
             print(f"wrote {img / f'sim_{name}.png'}")
+            if name == "paper":
+                plot_skew(json.loads(path.read_text()), img / "sim_paper_skew.png")
+                print(f"wrote {img / 'sim_paper_skew.png'}")

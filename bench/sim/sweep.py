@@ -1,6 +1,6 @@
 """The simulator's measurements: paper-style load sweep, real traces, and the demote_to choice.
 
-    python -m bench.sim.sweep paper   # GPT-3 175B on 16 x A100-40GB, CV 1/2/4, rate sweep
+    python -m bench.sim.sweep paper   # GPT-3 175B on 16 x A100-40GB: rate x CV 1/2/4, then Zipf skew
     python -m bench.sim.sweep traces  # Azure code/conv and Mooncake conversation traces
     python -m bench.sim.sweep demote  # skip-join MLFQ with demote_to front vs back
     python -m bench.sim.sweep plots   # PNGs under docs/img/ from the JSON under bench/results/
@@ -30,8 +30,16 @@ PAPER = dict(gpu="A100-40GB", model="gpt3-175b", tp=8, pp=2)  # 2 nodes x 8 GPUs
 PAPER_WORKLOAD = dict(input_zipf=(1.1, 16, 2048), output_zipf=(1.1, 1, 2048), max_context=2048)
 PAPER_RATES = (1.0, 2.0, 3.0, 4.0, 5.0)
 PAPER_CVS = (1.0, 2.0, 4.0)
+# Zipf exponent of input and output lengths (the paper's skew axis), at one rate and CV
+PAPER_SKEWS = (1.0, 1.2, 1.4)
+SKEW_POINT = dict(rate=4.0, cv=2.0)
 # (trace, rates in requests per second) on Llama-3-8B, one H100-80GB, context 8192
-TRACE_RUNS = (("azure-conv", (3.0, 6.0)), ("azure-code", (3.0, 6.0)), ("mooncake-conv", (0.5, 1.0)))
+TRACE_RUNS = (
+    ("azure-conv", (3.0, 6.0)),
+    ("azure-code", (3.0, 6.0)),
+    ("mooncake-conv", (0.5, 1.0, 3.0)),
+    ("mooncake-synthetic", (1.0, 3.0)),
+)
 TRACE_COST = dict(gpu="H100-80GB", model="llama3-8b", tp=1, pp=1)
 
 
@@ -63,7 +71,11 @@ def paper(n: int, rates, cvs, seed: int) -> dict[str, Any]:
     for cv in cvs:
         for rate in rates:
             wl = workloads.synthetic(n, rate, cv, seed=seed, **PAPER_WORKLOAD)
-            points.append({"cv": cv, "rate": rate, **_point(wl, cost, scheduler, POLICIES, cache)})
+            points.append({"cv": cv, "rate": rate, "zipf": 1.1, **_point(wl, cost, scheduler, POLICIES, cache)})
+    for skew in PAPER_SKEWS:
+        shape = dict(PAPER_WORKLOAD, input_zipf=(skew, 16, 2048), output_zipf=(skew, 1, 2048))
+        wl = workloads.synthetic(n, SKEW_POINT["rate"], SKEW_POINT["cv"], seed=seed, **shape)
+        points.append({**SKEW_POINT, "zipf": skew, **_point(wl, cost, scheduler, POLICIES, cache)})
     return {"cost": cost.describe(), "scheduler": dataclasses.asdict(scheduler), "cache": dataclasses.asdict(cache), "points": points}
 
 
