@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common.config import POLICIES  # noqa: E402
 
 STYLE = {"skip-join-mlfq": "o-", "mlfq": "s--", "fcfs": "^-", "orca": "v-", "rtc": "x:", "srpt-oracle": "d-."}
+COLOR = {name: f"C{k}" for k, name in enumerate(STYLE)}  # one colour per policy in every panel
 
 
 def plot_paper(data: dict, out: Path) -> None:
@@ -24,7 +25,8 @@ def plot_paper(data: dict, out: Path) -> None:
         for row, stat in enumerate(("mean", "p50", "p99")):
             ax = axes[row][col]
             for name in POLICIES:
-                ax.plot(rates, [p["policies"][name]["jct_s"][stat] for p in points], STYLE[name], label=name)
+                ax.plot(rates, [p["policies"][name]["jct_s"][stat] for p in points], STYLE[name], color=COLOR[name],
+                        label=name)
             ax.set_yscale("log")
             ax.set_title(f"CV {cv:g}: {stat} JCT")
             ax.set_xlabel("arrival rate (requests/s)")
@@ -48,14 +50,15 @@ def plot_skew(data: dict, out: Path) -> None:
     skews = sorted(by_skew)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for name in POLICIES:
-        axes[0].plot(skews, [by_skew[z]["policies"][name]["jct_s"]["mean"] for z in skews], STYLE[name], label=name)
+        axes[0].plot(skews, [by_skew[z]["policies"][name]["jct_s"]["mean"] for z in skews], STYLE[name],
+                     color=COLOR[name], label=name)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean JCT (s)")
     for ax, base in zip(axes[1:], ("orca", "fcfs")):
         for name in POLICIES:
             if name != base:
                 ax.plot(skews, [by_skew[z]["policies"][base]["jct_s"]["mean"] / by_skew[z]["policies"][name]["jct_s"]["mean"]
-                                for z in skews], STYLE[name], label=name)
+                                for z in skews], STYLE[name], color=COLOR[name], label=name)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_ylabel(f"{base} mean JCT / policy's")
     for ax in axes:

@@ -33,7 +33,8 @@ def run_policies(
         summary = summarize(result.records, slo)
         summary["sim"] = result.stats
         if hasattr(policy, "demotions"):
-            summary["sim"].update(demotions=policy.demotions, promotions=policy.promotions)
+            summary["sim"].update(demotions=policy.demotions, promotions=policy.promotions,
+                                  first_demotions=policy.first_demotions)
         out[name] = summary
     return out
 

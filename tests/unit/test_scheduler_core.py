@@ -173,3 +173,17 @@ def test_a_long_run_of_held_jobs_cannot_hide_the_runnable_ones_forever():
     core.blocked = set(range(520))  # held back by the KV manager, ahead of every runnable job in FCFS order
     b = core.next_batch(0.0)
     assert b is not None and len(b.job_ids) == 4
+
+
+def test_the_kv_managers_capacity_bounds_how_many_jobs_start():
+    from common.messages import KVCapacity
+
+    core = make_core("skip-join-mlfq", stages=2, max_jobs=4)
+    assert core.policy.slots == 8 and core.policy.capacity is None
+    # 4-token blocks, 10 usable: a 7-token prompt counts 8 tokens = 2 blocks, so 5 jobs fit
+    core.set_capacity(KVCapacity(device_blocks=12, host_blocks=0, block_size=4, headroom_blocks=2))
+    for job_id in range(10):
+        core.submit(submit(job_id, [1] * 7, max_tokens=3), now=0.0)
+    first, second = core.next_batch(0.0), core.next_batch(0.0)
+    assert first.job_ids == [0, 1, 2, 3] and second.job_ids == [4]
+    assert sorted(core.policy.started) == [0, 1, 2, 3, 4]

@@ -46,6 +46,7 @@ class MLFQ(Policy):
         self.promotion_backlog = False  # starved jobs left for the next call by the per-check cap
         self.promotions = 0
         self.demotions = 0
+        self.first_demotions = 0  # demotions right after a job's first iteration
 
     def __len__(self) -> int:
         return len(self.waits)
@@ -101,6 +102,7 @@ class MLFQ(Policy):
 
     def update(self, batch: list[Job], iteration_s: float, now: float) -> None:
         held = [job for job in batch if job.job_id in self.waits]
+        first = {job.job_id for job in held if job.last_run_s is None}
         super().update(held, iteration_s, now)
         last = len(self.quanta) - 1
         for job in held:
@@ -108,6 +110,7 @@ class MLFQ(Policy):
             self.waits.move_to_end(job.job_id)
             if job.attained_s > self.quanta[job.level] and job.level < last:
                 self.demote(job)
+                self.first_demotions += job.job_id in first
 
     def demote(self, job: Job) -> None:
         del self.levels[job.level][job.job_id]
