@@ -91,11 +91,14 @@ def real(args: argparse.Namespace) -> dict[str, Any]:
 
 def sim(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
-    for mode in MODES:
+    # "proactive-skip": proactive as it was before upload_wait (a picked job whose upload is in
+    # flight skips the iteration instead of making the compute wait for the copy)
+    for mode in (*MODES, "proactive-skip"):
+        swap = "proactive" if mode == "proactive-skip" else mode
         cmd = [sys.executable, "-m", "services.cli", "sim", "--json", "--policies", "skip-join-mlfq",
                "--gpu", "A100-40GB", "--model", "gpt3-175b", "--tp", "8", "--pp", "2", "--memory", "kv",
                "--num", str(args.num), "--rate", str(args.rate), "--cv", "2", "--seed", str(args.seed),
-               "--set", f"cache.swap={mode}"]
+               "--set", f"cache.swap={swap}", "--set", f"cache.upload_wait={'false' if mode == 'proactive-skip' else 'true'}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout)
         summary = result["policies"]["skip-join-mlfq"]
