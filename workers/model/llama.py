@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -10,11 +12,26 @@ from workers.model.spec import ModelSpec
 from workers.model.weights import Weights
 
 
-def rope_tables(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [max_context, head_dim] of the default RoPE, computed in float32 as the reference does."""
+def inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2] in float32, llama3-scaled when the spec says so."""
     dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = torch.arange(spec.max_context, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not spec.rope_original_context:
+        return inv
+    # the same float32 operations in the same order as transformers' llama3 RoPE, so the tables match bit for bit
+    old, factor = spec.rope_original_context, spec.rope_factor
+    low, high = spec.rope_low_freq_factor, spec.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_context, head_dim], computed in float32 as the reference does."""
+    freqs = torch.arange(spec.max_context, dtype=torch.float32)[:, None] * inv_freq(spec)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 

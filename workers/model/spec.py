@@ -32,6 +32,12 @@ class ModelSpec:
     bos_token_id: int | None
     pad_token_id: int | None = None
     rope_theta: float = 10000.0  # llama only
+    # llama3 RoPE scaling (llama only): wavelengths longer than original/low are stretched by rope_factor,
+    # those shorter than original/high are kept, those between are blended
+    rope_factor: float = 1.0  # stretch of the long wavelengths (ratio; 1 = none)
+    rope_low_freq_factor: float = 1.0  # original context / this = wavelength (tokens) above which all is stretched
+    rope_high_freq_factor: float = 4.0  # original context / this = wavelength (tokens) below which none is
+    rope_original_context: int = 0  # tokens the model was pretrained on; 0 = no llama3 scaling
     norm_eps: float = 1e-6  # RMSNorm (llama) or LayerNorm (opt) epsilon
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # bias on q/k/v projections (qwen2, opt)
@@ -111,12 +117,25 @@ def _positive(cfg: dict[str, Any], key: str, path: str) -> int:
     return value
 
 
-def _rope_theta(cfg: dict[str, Any], path: str) -> float:
+def _rope(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """ModelSpec's RoPE fields: the base, and the llama3 scaling when the config asks for it."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ModelError(f"{path}/config.json: rope type {kind!r} is not supported (only the default RoPE)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope = {"rope_theta": float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return rope
+    if kind != "llama3":
+        raise ModelError(f"{path}/config.json: rope type {kind!r} is not supported (only default and llama3)")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if missing:
+        raise ModelError(f"{path}/config.json: llama3 rope scaling lacks {', '.join(missing)}")
+    # transformers' precedence: a top-level original_max_position_embeddings, the rope dict's, the model's own
+    original = (cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                or cfg["max_position_embeddings"])
+    return rope | {
+        "rope_factor": float(params["factor"]), "rope_low_freq_factor": float(params["low_freq_factor"]),
+        "rope_high_freq_factor": float(params["high_freq_factor"]), "rope_original_context": int(original),
+    }
 
 
 def _llama_spec(cfg: dict[str, Any], path: str) -> ModelSpec:
@@ -138,7 +157,7 @@ def _llama_spec(cfg: dict[str, Any], path: str) -> ModelSpec:
         num_layers=_positive(cfg, "num_hidden_layers", path), num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, intermediate_size=_positive(cfg, "intermediate_size", path), max_context=max_ctx,
         eos_token_ids=_ids(cfg.get("eos_token_id")), bos_token_id=cfg.get("bos_token_id"),
-        pad_token_id=cfg.get("pad_token_id"), rope_theta=_rope_theta(cfg, path),
+        pad_token_id=cfg.get("pad_token_id"), **_rope(cfg, path),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qwen or bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)), name=str(path),
