@@ -115,7 +115,9 @@ class StartGate:
                  lengths: OutputLengths | None = None) -> None:
         self.strict = strict
         self.footprint = footprint
-        self.closed = False  # strict: an older never-run job was refused, so no younger one starts
+        # no later candidate can start: strict and an older never-run job was refused, or one was
+        # refused for its rank (candidates come in rank order)
+        self.closed = False
         jobs = list(started)
         self.count = len(jobs)
         self.fixed = config.max_started
@@ -128,6 +130,7 @@ class StartGate:
             self.parkable = sorted(
                 self.rank(j) for j in jobs if not learned or lengths.expected_remaining(j.num_generated) > bar
             )
+        self._update_full()
         self.capacity = capacity
         if capacity is None:
             self.used = self.device_room = self.total_room = 0
@@ -136,6 +139,15 @@ class StartGate:
         self.device_room = capacity.device_blocks - capacity.headroom_blocks
         host = 0 if strict else int(config.start_host_fraction * capacity.host_blocks)
         self.total_room = self.device_room + host
+
+    def _update_full(self) -> None:
+        """`full`: no never-run job can start in this decision, whatever its rank or size."""
+        if self.closed:
+            self.full = True
+        elif self.fixed > 0:
+            self.full = self.count >= self.fixed
+        else:
+            self.full = self.count >= self.slots and (self.rank is None or self.count >= self.slots + len(self.parkable))
 
     def admit(self, job: Job) -> bool:
         """True if `job` (never run) may start now; the gate then counts it as started."""
@@ -148,6 +160,7 @@ class StartGate:
                 self.used += self.capacity.blocks_for(self.footprint(job))
         elif self.strict:
             self.closed = True
+        self._update_full()
         return ok
 
     def _allows(self, job: Job) -> bool:
@@ -162,5 +175,8 @@ class StartGate:
         # the jobs that keep running stay within the slots.
         below = len(self.parkable) - bisect.bisect_right(self.parkable, self.rank(job))
         if self.count >= self.slots + below:
+            # Policies walk their jobs in rank order, so every later candidate ranks no better: none
+            # can start in this decision (the fill then takes the started jobs directly).
+            self.closed = True
             return False
         return self.capacity is None or self.used + need <= self.total_room
