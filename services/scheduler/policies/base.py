@@ -127,11 +127,8 @@ class Policy(abc.ABC):
         gate = StartGate(self.config, self.slots, self.capacity, started.values(), self.strict_starts,
                          self.footprint, self.rank_key, self.lengths)
         batch: list[Job] = []
-        budget, skipped, rest = limit, 0, False
+        budget, skipped = limit, 0
         for job in candidates:
-            if job.job_id not in started and gate.full:
-                rest = True  # only started jobs can run now: take them from the started set, not the queue
-                break
             if not can_run(job):
                 skipped += 1
                 if skipped > MAX_SKIPPED:
@@ -151,17 +148,16 @@ class Policy(abc.ABC):
             self.new_tokens[job.job_id] = new
             if len(batch) >= max_jobs:
                 break
-        if (rest or skipped > MAX_SKIPPED) and len(batch) < max_jobs:
+        if skipped > MAX_SKIPPED and len(batch) < max_jobs:
             self._fill_started(batch, budget, can_run)
         for job in batch:
             started[job.job_id] = job
         return batch
 
     def _fill_started(self, batch: list[Job], budget: int, can_run: CanRun) -> None:
-        """The walk reached a never-run job while no start is possible, or gave up on jobs passed over:
-        a queue of never-run jobs the start gate refuses would hide the started ones below it. Fill the
-        rest from the started jobs, by rank (ties in the order they first started), so a decision over
-        10,000 queued jobs costs O(started), not a walk of the queue."""
+        """The walk gave up on jobs passed over (a queue of never-run jobs the start gate refuses can
+        hide the started ones below it): fill the rest from the started jobs, by rank (ties in the
+        order they first started)."""
         chosen = {job.job_id for job in batch}
         rest = [job for job in self.started.values() if job.job_id not in chosen]
         if self.rank_key is not None:

@@ -151,7 +151,7 @@ class StartGate:
 
     def admit(self, job: Job) -> bool:
         """True if `job` (never run) may start now; the gate then counts it as started."""
-        if self.closed:
+        if self.full:
             return False
         ok = self._allows(job)
         if ok:
@@ -176,7 +176,7 @@ class StartGate:
         below = len(self.parkable) - bisect.bisect_right(self.parkable, self.rank(job))
         if self.count >= self.slots + below:
             # Policies walk their jobs in rank order, so every later candidate ranks no better: none
-            # can start in this decision (the fill then takes the started jobs directly).
+            # can start in this decision, and admit() answers them at once.
             self.closed = True
             return False
         return self.capacity is None or self.used + need <= self.total_room
