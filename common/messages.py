@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Annotated
 
@@ -239,6 +239,8 @@ class BatchResult:
     token_ids: list[int]  # one sampled token per job
     compute_s: Annotated[float, Range(0.0)]  # compute seconds summed over all stages
     error: str  # "" on success; a failure of the stage loop on this batch otherwise (jobs then fail)
+    failed_job_ids: list[int] = field(default_factory=list)  # jobs whose sampling failed (token -1): they alone end
+    failure: str = ""  # why the failed jobs' sampling failed
 
 
 @message(MsgType.SWAP_DONE)

@@ -22,7 +22,7 @@ from common.log import get_logger
 from common.messages import BatchResult, Ready, StageBatch, SwapDone
 from workers.model.batch import StepInput
 from workers.model.runner import StageRunner
-from workers.model.sampling import SamplingParams, sample
+from workers.model.sampling import SamplingParams, sample_rows
 
 ACK_POLL_S = 0.0005  # how often pending copies are polled while the stream is idle
 
@@ -122,20 +122,24 @@ class StageWorker:
         self.log.debug("batch_received", batch_id=msg.batch_id, jobs=len(msg.job_ids), swaps_out=len(msg.swap_out),
                        swaps_in=len(msg.swap_in), t=time.time())
         self.submit_swaps(msg)
-        hidden, tokens, compute_s, error = None, [], msg.compute_s, ""
+        hidden, tokens, compute_s, error, failed = None, [], msg.compute_s, "", {}
         if msg.job_ids:
             try:
                 out, seconds = self.compute(msg)
                 compute_s += seconds
                 if self.runner.is_last:
-                    tokens = self.sample(msg, out)
+                    tokens, failed = self.sample(msg, out)
                 else:
                     hidden = to_wire(out)
             except Exception as e:  # a bad batch fails its jobs, never the loop
                 self.log.exception("batch_failed", batch_id=msg.batch_id)
                 error = f"stage {self.stage}: {type(e).__name__}: {e}"
         if error or self.send_next is None:
-            result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error)
+            failed_ids = [msg.job_ids[row] for row in failed]
+            if failed:
+                self.log.error("sampling_failed", batch_id=msg.batch_id, job_ids=failed_ids, error=next(iter(failed.values())))
+            result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error, failed_ids,
+                                 next(iter(failed.values()), ""))
             await sockets.send(self.send_to_scheduler, result)
             self.log.debug("batch_done", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
             if error and self.send_next is not None:  # later stages still run this batch's swaps
@@ -188,13 +192,13 @@ class StageWorker:
             torch.cuda.current_stream(out.device).synchronize()
         return out, time.perf_counter() - start
 
-    def sample(self, msg: StageBatch, logits: torch.Tensor) -> list[int]:
+    def sample(self, msg: StageBatch, logits: torch.Tensor) -> tuple[list[int], dict[int, str]]:
         c = msg.sampling
         params = [
             SamplingParams(max_tokens=1, temperature=t, top_k=k, top_p=p if p > 0 else 1.0, seed=seed)
             for t, k, p, seed in zip(c.temperature, c.top_k, c.top_p, c.seed)
         ]
-        return sample(logits, params, c.step)
+        return sample_rows(logits, params, c.step)
 
     async def report_acks(self) -> None:
         if self.executor is None or not self.pending_ops:

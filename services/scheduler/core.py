@@ -248,15 +248,15 @@ class SchedulerCore:
             return events
         self.counters.iterations += 1
         self.counters.compute_s += msg.compute_s
+        events = self._fail_sampling(msg, flight, now)
         ran = [self.entries[j].job for j in msg.job_ids if j in self.entries]
         iteration_s = msg.compute_s if msg.compute_s > 0 else now - flight.sent_s
         if ran:
             self.policy.update(ran, iteration_s, now)
-        events = []
         for job_id, token in zip(msg.job_ids, msg.token_ids):
             entry = self.entries.get(job_id)
             if entry is None:
-                continue  # cancelled while in flight
+                continue  # cancelled while in flight, or its sampling failed
             events.append(self._advance(entry, flight.new_tokens.get(job_id, 0), token, now))
         self._release_ended(flight)
         # A finished job frees memory: held jobs may fit now. An iteration that ran nothing while no
@@ -264,6 +264,17 @@ class SchedulerCore:
         stalled = not msg.job_ids and not self.in_flight and not self.copies_in_flight
         if stalled or any(e.finish_reason for e in events):
             self.blocked.clear()
+        return events
+
+    def _fail_sampling(self, msg: BatchResult, flight: InFlight, now: float) -> list[JobEvent]:
+        """Jobs whose sampling failed on the last stage end with `internal`; their batch-mates go on."""
+        events = []
+        for job_id in msg.failed_job_ids:
+            entry = self.entries.get(job_id)
+            if entry is not None and job_id in flight.new_tokens:
+                self._end(entry, JobStatus.FAILED, now)
+                self.counters.failed += 1
+                events.append(JobEvent(job_id, [], "error", "internal", msg.failure or "sampling failed"))
         return events
 
     def _advance(self, entry: Entry, computed: int, token: int, now: float) -> JobEvent:

@@ -53,6 +53,22 @@ async def test_64_concurrent_requests_equal_offline_generate(stack):
     assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
 
 
+async def test_a_tiny_temperature_never_fails_its_batch_mates(stack):
+    """A temperature of 1e-45 is inside the protocol's [0, 100]; dividing logits by it overflowed and
+    failed every job of its batch. Now it samples greedily and its 7 batch-mates finish normally."""
+    requests = make_requests(8, seed=5)
+    expected = reference(requests)
+    temperatures = [1e-45, 1e-30, 0.0, 0.0, 1e-45, 0.0, 0.0, 0.0]
+    async with AsyncClient(stack.endpoint, timeout=120) as client:
+        results = await bounded(asyncio.gather(*(
+            client.generate(prompt_ids=p, max_tokens=m, temperature=t, seed=3)
+            for (p, m), t in zip(requests, temperatures)
+        )))
+        stats = await bounded(client.stats())
+    assert [r.token_ids for r in results] == expected  # greedy, like the temperature-0 reference
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
+
+
 async def test_cancel_mid_stream_ends_cancelled_and_pool_is_whole(stack):
     async with AsyncClient(stack.endpoint, timeout=120) as client:
 

@@ -75,3 +75,30 @@ def test_bad_params_are_rejected(kwargs):
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="logits"):
         sample(logits(rows=2), [SamplingParams()], [0])
+
+
+def test_a_tiny_temperature_is_greedy_and_never_overflows():
+    from workers.model.sampling import sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 30
+    for t in (1e-45, 1e-30, 1e-6):
+        tokens, errors = sample_rows(logits, [SamplingParams(temperature=t, seed=1)] * 3, [0, 0, 0])
+        assert not errors and tokens == logits.argmax(dim=-1).tolist()
+    # just above the greedy bound the logits are divided, relative to the largest: still the argmax
+    tokens, errors = sample_rows(logits, [SamplingParams(temperature=2e-5, seed=1)] * 3, [0, 0, 0])
+    assert not errors and tokens == logits.argmax(dim=-1).tolist()
+
+
+def test_one_rows_failure_is_its_own():
+    from workers.model.sampling import sample_rows
+
+    logits = torch.randn(3, 20)
+    logits[1] = float("nan")
+    params = [SamplingParams(temperature=1.0, seed=7)] * 3
+    tokens, errors = sample_rows(logits, params, [0, 0, 0])
+    assert list(errors) == [1] and tokens[1] == -1
+    assert tokens[0] == sample(logits[[0]], params[:1], [0])[0]
+    assert tokens[2] == sample(logits[[2]], params[:1], [0])[0]
+    with pytest.raises(ValueError, match="row 1"):
+        sample(logits, params, [0, 0, 0])

@@ -187,3 +187,17 @@ def test_the_kv_managers_capacity_bounds_how_many_jobs_start():
     first, second = core.next_batch(0.0), core.next_batch(0.0)
     assert first.job_ids == [0, 1, 2, 3] and second.job_ids == [4]
     assert sorted(core.policy.started) == [0, 1, 2, 3, 4]
+
+
+def test_a_job_whose_sampling_failed_ends_alone():
+    core = make_core(max_jobs=4)
+    for job_id in (1, 2):
+        core.submit(submit(job_id, [5, 6], max_tokens=3), now=0.0)
+    batch = core.next_batch(0.0)
+    assert batch.job_ids == [1, 2]
+    msg = BatchResult(batch.batch_id, [1, 2], [-1, 42], 0.01, "", [1], "sampling failed: bad distribution")
+    events = {e.job_id: e for e in core.on_result(msg, 0.1)}
+    assert (events[1].finish_reason, events[1].error_code) == ("error", "internal")
+    assert "bad distribution" in events[1].error_message
+    assert (events[2].token_ids, events[2].finish_reason) == ([42], "")
+    assert core.next_batch(0.1).freed_job_ids == [1]  # its KV goes back to the pool

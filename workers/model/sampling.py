@@ -9,6 +9,10 @@ import torch
 _MASK64 = (1 << 64) - 1
 _process_rng = torch.Generator().manual_seed(torch.seed())
 
+# A temperature below this is greedy: dividing logits by it would overflow float32 (1e-45 is a valid
+# float), and any distribution it leaves is a one-hot on the argmax anyway (vLLM uses the same bound).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,7 +38,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def finish_reason(params: SamplingParams, token: int, num_generated: int, eos_token_ids: tuple[int, ...]) -> str | None:
@@ -56,7 +60,11 @@ def _mix(seed: int, step: int) -> int:
 
 def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities of one row [V] after temperature, top-k and top-p (float32; excluded tokens are 0)."""
-    logits = row.float() / params.temperature
+    row = row.float()
+    if not torch.isfinite(row).any() or torch.isnan(row).any():
+        raise ValueError("logits are not finite")
+    # relative to the largest logit, so a small temperature sends the rest to -inf, never to inf - inf
+    logits = (row - row.max()) / params.temperature
     if 0 < params.top_k < logits.shape[0]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,22 +82,37 @@ def filtered_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """One token per row of logits [B, V] (see sample_rows); raises if any row cannot be sampled."""
+    tokens, errors = sample_rows(logits, params, steps)
+    if errors:
+        row, message = next(iter(errors.items()))
+        raise ValueError(f"row {row}: {message}")
+    return tokens
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> tuple[list[int], dict[int, str]]:
     """One token per row of logits [B, V]; steps[i] is the index of the output token job i produces.
 
     Greedy rows are one argmax; a seeded row draws from a generator seeded by (seed, step) alone, so
-    the token never depends on which other jobs share the batch.
+    the token never depends on which other jobs share the batch. A row that cannot be sampled gets
+    token -1 and an entry in the returned {row: message}: one job's failure is its own, never the batch's.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(steps):
         raise ValueError(f"sample needs logits [B, V] with B = len(params) = len(steps); got {tuple(logits.shape)}, "
                          f"{len(params)} params, {len(steps)} steps")
     out = logits.argmax(dim=-1).tolist()
+    errors: dict[int, str] = {}
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return out
+        return out, errors
     host = logits[rows].float().cpu()
     for j, i in enumerate(rows):
         p = params[i]
         gen = _process_rng if p.seed is None else torch.Generator().manual_seed(_mix(p.seed, steps[i]))
-        probs = filtered_probs(host[j], p)
-        out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return out
+        try:
+            probs = filtered_probs(host[j], p)
+            out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+        except (ValueError, RuntimeError) as e:  # torch reports bad distributions as RuntimeError
+            out[i] = -1
+            errors[i] = f"sampling failed: {e}"
+    return out, errors
