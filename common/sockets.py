@@ -53,9 +53,11 @@ def connect_push(ctx: zmq.Context, address: str) -> Any:
     return sock
 
 
-def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False) -> Any:
-    """The ROUTER socket that clients' DEALER sockets connect to."""
+def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False, max_message_bytes: int = -1) -> Any:
+    """The ROUTER socket that clients' DEALER sockets connect to. With max_message_bytes > 0, ZeroMQ
+    drops the connection of a peer that sends a larger frame before any of it is buffered whole."""
     sock = _socket(ctx, zmq.ROUTER)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.bind(bind_address(address, bind_any))
     return sock
 

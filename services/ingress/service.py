@@ -43,12 +43,13 @@ class Ingress:
         from workers.model.tokenizer import load_tokenizer
 
         spec = load_spec(config.model.path)
-        core = IngressCore(Limits.from_config(config, spec), load_tokenizer(config.model.path))
+        limits = Limits.from_config(config, spec)
+        core = IngressCore(limits, load_tokenizer(config.model.path))
         ctx = ctx or sockets.context()
         ep = config.endpoints
         return cls(
             core,
-            from_clients=sockets.bind_router(ctx, ep.client, ep.bind_any),
+            from_clients=sockets.bind_router(ctx, ep.client, ep.bind_any, limits.max_message_bytes),
             recv_from_scheduler=sockets.bind_inbox(ctx, ep.ingress, ep.bind_any),
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,

@@ -25,6 +25,14 @@ class Limits:
     num_gpu_blocks: int  # blocks in the device KV pool (per stage)
     max_jobs_in_system: int  # accepted, unfinished jobs at most
 
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest client frame ingress accepts: a request whose prompt fills the context, as token
+        ids (msgpack: at most 9 bytes each) or as text (16 bytes a token is already more than any
+        vocabulary's longest tokens average), plus the other fields. A larger frame could only be
+        refused after costing memory and time every other client would wait for."""
+        return 64 * 1024 + 16 * self.max_context
+
     @classmethod
     def from_config(cls, config: Any, spec: Any) -> "Limits":
         return cls(

@@ -163,6 +163,33 @@ async def test_malformed_traffic_gets_error_codes_and_the_stack_keeps_serving(st
     assert result.token_ids == reference([([4, 5, 6], 5)])[0]
 
 
+async def test_an_oversized_frame_is_refused_while_another_client_is_served(stack):
+    """A frame over the ingress limit (64 KiB + 16 bytes a context token) is dropped by ZeroMQ with its
+    connection, before ingress buffers or decodes it; a normal client meanwhile gets its reply on time."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(stack.endpoint)
+    try:
+        huge = {"version": 1, "request_id": "huge", "prompt": "x" * (8 << 20), "max_tokens": 1}
+        async with AsyncClient(stack.endpoint, timeout=60) as client:
+            for _ in range(4):
+                await big.send_multipart([b"\x01", msgpack.packb(huge)])
+            result = await bounded(client.generate(prompt_ids=[4, 5, 6], max_tokens=5), 20)
+            assert result.token_ids == reference([([4, 5, 6], 5)])[0]
+            with pytest.raises(asyncio.TimeoutError):  # no reply: the connection was dropped unread
+                await asyncio.wait_for(big.recv_multipart(), 2.0)
+            stats = await bounded(client.stats())
+        assert stats["jobs_submitted"] >= 1  # ingress is alive and answering
+    finally:
+        big.close(linger=0)
+        ctx.term()
+
+
 async def test_a_client_written_from_the_protocol_doc_streams_from_the_stack(stack):
     """Plain pyzmq + msgpack, as docs/PROTOCOL.md describes: DEALER, [type byte, msgpack map] frames."""
     import msgpack
