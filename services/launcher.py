@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 import json
 import os
+import ctypes
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,11 +80,25 @@ def cached_profile(config: config_mod.Config) -> str:
     return str(path)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when the launcher dies, even by SIGKILL, so no process of the
+    stack runs on unsupervised (Linux; elsewhere the launcher's own shutdown is the only guard)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Launcher:
     def __init__(self, config: config_mod.Config, log_level: str = "info", quiet: bool = False) -> None:
         self.run_dir = Path(tempfile.mkdtemp(prefix="fastserve-"))
         control = f"ipc://{self.run_dir}/control"
-        pool = f"fastserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        # A unique pool name keeps concurrent stacks apart; a name the user chose is theirs to keep.
+        default_pool = config_mod.Endpoints().host_pool
+        pool = config.endpoints.host_pool
+        if pool == default_pool:
+            pool = f"fastserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         profile = config.scheduler.profile
         if profile == "auto":
             profile = cached_profile(config) if config.scheduler.policy == "skip-join-mlfq" else ""
@@ -105,7 +121,7 @@ class Launcher:
         """Spawn every child and wait for all ready handshakes (and the stack's own)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for role, stage, argv in child_commands(str(self.config_path), self.config.parallel.num_stages, self.log_level):
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True)
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True, preexec_fn=die_with_parent)
             self.children.append(Child(role, stage, proc))
         expected = {(c.role, c.stage) for c in self.children} | {("stack", -1)}
         seen: set[tuple[str, int]] = set()
@@ -186,6 +202,7 @@ class Launcher:
                     child.proc.kill()
                     await child.proc.wait()
         self.control.close(linger=0)
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # the config copy and the control socket
 
     def endpoint(self) -> str:
         return self.config.endpoints.client

@@ -1,0 +1,61 @@
+"""`fastserve up` as a supervisor: its run directory, the host pool name it is given, and its death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from stack import Stack
+
+
+def children(pid: int) -> dict[int, str]:
+    """The launcher's children: pid -> command line."""
+    out = subprocess.run(["pgrep", "-a", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(line.split()[0]): line for line in out.splitlines()}
+
+
+def config_path(cmdline: str) -> Path:
+    words = cmdline.split()
+    return Path(words[words.index("--config") + 1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()[:1] != "Z"
+
+
+def test_a_chosen_host_pool_name_is_kept_and_the_run_directory_goes_with_the_stack():
+    pool = f"fastserve_test_{uuid.uuid4().hex[:8]}"
+    stack = Stack(["scheduler.policy=fcfs", f"endpoints.host_pool={pool}"], num_stages=1)
+    try:
+        kids = children(stack.proc.pid)
+        assert len(kids) == 4  # ingress, scheduler, kvcache, one worker
+        run_dir = config_path(next(iter(kids.values()))).parent
+        assert run_dir.is_dir()
+        assert f'host_pool = "{pool}"' in (run_dir / "config.toml").read_text()
+        assert Path(f"/dev/shm/{pool}").exists()  # the KV manager created the pool under that name
+    finally:
+        assert stack.stop() == 0
+    assert not run_dir.exists()
+
+
+def test_children_do_not_outlive_a_killed_launcher():
+    stack = Stack(["scheduler.policy=fcfs"], num_stages=1)
+    kids = list(children(stack.proc.pid))
+    assert len(kids) == 4
+    stack.proc.send_signal(signal.SIGKILL)
+    stack.proc.wait(10)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in kids if alive(pid)]
+    for pid in left:  # do not leak them into the rest of the suite, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"children still running after the launcher died: {left}"
