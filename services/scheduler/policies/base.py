@@ -42,6 +42,14 @@ class Policy(abc.ABC):
         self.started: dict[int, Job] = {}  # live jobs picked at least once
         self.new_tokens: dict[int, int] = {}  # job_id -> tokens its last picked iteration computes
         self.lengths: OutputLengths | None = None  # finished output lengths, for policies that learn them
+        self._costs: dict[int, float] = {}  # tokens -> prefill_time(tokens)
+
+    def _alone_cost(self, tokens: int) -> float:
+        """prefill_time(tokens), memoized: a cost model's answer is a pure function of the length."""
+        cost = self._costs.get(tokens)
+        if cost is None:
+            cost = self._costs[tokens] = self.prefill_time(tokens) if self.prefill_time else float(tokens)
+        return cost
 
     def set_limits(self, num_stages: int, capacity: Capacity | None) -> None:
         """The pipeline depth and the KV capacity that bound starts (starts.py)."""
@@ -105,8 +113,7 @@ class Policy(abc.ABC):
         """
         if self.config.service_share == "iteration" or len(batch) <= 1:
             return [iteration_s] * len(batch)
-        cost = self.prefill_time or float
-        weights = [cost(self.new_tokens.get(job.job_id, 1)) for job in batch]
+        weights = [self._alone_cost(self.new_tokens.get(job.job_id, 1)) for job in batch]
         total = sum(weights)
         if total <= 0:
             return [iteration_s / len(batch)] * len(batch)

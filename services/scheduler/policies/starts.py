@@ -20,10 +20,11 @@ each started job at its reservation (prompt + max_tokens) instead of its current
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+import numpy as np
 
 from common.config import SchedulerConfig
 from services.scheduler.job import Job
@@ -68,8 +69,8 @@ class OutputLengths:
     def __init__(self, window: int = 512) -> None:
         self.window = window
         self.values: deque[int] = deque(maxlen=window)
-        self._sorted: list[int] | None = None
-        self._suffix: list[int] = []  # _suffix[i] = sum(_sorted[i:])
+        self._sorted: np.ndarray | None = None
+        self._suffix = np.zeros(1)  # _suffix[i] = sum(_sorted[i:])
 
     def __len__(self) -> int:
         return len(self.values)
@@ -78,24 +79,27 @@ class OutputLengths:
         self.values.append(length)
         self._sorted = None
 
-    def _prepare(self) -> list[int]:
+    def _prepare(self) -> np.ndarray:
         if self._sorted is None:
-            self._sorted = sorted(self.values)
-            self._suffix = list(itertools.accumulate(reversed(self._sorted)))[::-1] + [0]
+            self._sorted = np.sort(np.fromiter(self.values, dtype=np.int64, count=len(self.values)))
+            self._suffix = np.append(np.cumsum(self._sorted[::-1])[::-1], 0).astype(np.float64)
         return self._sorted
 
     @property
     def mean(self) -> float:
         values = self._prepare()
-        return self._suffix[0] / len(values) if values else 0.0
+        return float(self._suffix[0] / len(values)) if len(values) else 0.0
 
     def expected_remaining(self, generated: int) -> float:
+        return float(self.expected_remaining_many(np.array([generated]))[0])
+
+    def expected_remaining_many(self, generated: np.ndarray) -> np.ndarray:
+        """expected_remaining of each entry of `generated` (tokens so far), in one pass."""
         values = self._prepare()
-        i = bisect.bisect_right(values, generated)
+        i = np.searchsorted(values, generated, side="right")
         longer = len(values) - i
-        if longer == 0:
-            return 0.0  # longer than every recorded job: nothing to go by, so no reason to park it
-        return self._suffix[i] / longer - generated
+        # longer than every recorded job: nothing to go by, so no reason to park it (0)
+        return np.where(longer > 0, self._suffix[i] / np.maximum(longer, 1) - generated, 0.0)
 
 
 # Finished jobs needed before their lengths steer starts; until then MLFQ's own assumption (a job
@@ -123,14 +127,11 @@ class StartGate:
         self.fixed = config.max_started
         self.slots = slots
         self.rank = None if strict else rank
-        self.parkable: list[tuple] = []  # sorted ranks of started jobs worth parking for a new one
-        if self.rank is not None and self.count >= slots:
-            learned = lengths is not None and len(lengths) >= MIN_LENGTHS
-            bar = PARK_MARGIN * lengths.mean if learned else 0.0
-            self.parkable = sorted(
-                self.rank(j) for j in jobs if not learned or lengths.expected_remaining(j.num_generated) > bar
-            )
-        self._update_full()
+        self.lengths = lengths
+        self.jobs = jobs
+        self.past_slots = self.count >= slots  # parking is considered only if the started set fills them
+        self._parkable: list[tuple] | None = None  # computed at the first candidate that needs it
+        self._full: bool | None = None
         self.capacity = capacity
         if capacity is None:
             self.used = self.device_room = self.total_room = 0
@@ -140,18 +141,33 @@ class StartGate:
         host = 0 if strict else int(config.start_host_fraction * capacity.host_blocks)
         self.total_room = self.device_room + host
 
-    def _update_full(self) -> None:
-        """`full`: no never-run job can start in this decision, whatever its rank or size."""
+    @property
+    def parkable(self) -> list[tuple]:
+        """Sorted ranks of the started jobs worth parking for a new one (parking pays only past the slots)."""
+        if self._parkable is None:
+            self._parkable = []
+            if self.rank is not None and self.past_slots:
+                jobs, lengths = self.jobs, self.lengths
+                if lengths is not None and len(lengths) >= MIN_LENGTHS:
+                    rest = lengths.expected_remaining_many(np.fromiter((j.num_generated for j in jobs), np.int64, len(jobs)))
+                    bar = PARK_MARGIN * lengths.mean
+                    jobs = [j for j, r in zip(jobs, rest) if r > bar]
+                self._parkable = sorted(map(self.rank, jobs))
+        return self._parkable
+
+    def _is_full(self) -> bool:
+        """No never-run job can start in this decision, whatever its rank or size."""
         if self.closed:
-            self.full = True
-        elif self.fixed > 0:
-            self.full = self.count >= self.fixed
-        else:
-            self.full = self.count >= self.slots and (self.rank is None or self.count >= self.slots + len(self.parkable))
+            return True
+        if self.fixed > 0:
+            return self.count >= self.fixed
+        return self.count >= self.slots and (self.rank is None or self.count >= self.slots + len(self.parkable))
 
     def admit(self, job: Job) -> bool:
         """True if `job` (never run) may start now; the gate then counts it as started."""
-        if self.full:
+        if self._full is None:
+            self._full = self._is_full()
+        if self._full:
             return False
         ok = self._allows(job)
         if ok:
@@ -160,7 +176,7 @@ class StartGate:
                 self.used += self.capacity.blocks_for(self.footprint(job))
         elif self.strict:
             self.closed = True
-        self._update_full()
+        self._full = self._is_full()
         return ok
 
     def _allows(self, job: Job) -> bool:
