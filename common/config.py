@@ -116,6 +116,15 @@ class Endpoints:
     stages: tuple[str, ...] = ()  # stage inboxes; empty = ports after kvcache on the kvcache host
     bind_any: bool = False  # bind tcp inboxes on every interface (containers, multi-host)
     host_pool: str = "fastserve_kv"  # name of the shared-memory host KV pool
+    http: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI-compatible HTTP front door (not ZeroMQ); bind_any binds 0.0.0.0
+
+    def http_host_port(self) -> tuple[str, int]:
+        """endpoints.http as (host, port); brackets of an IPv6 host are stripped."""
+        host, _, port = self.http.rpartition(":")
+        host = host.strip("[]")
+        if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"endpoints.http is {self.http!r}; use HOST:PORT such as 127.0.0.1:8000")
+        return host, int(port)
 
     def stage(self, k: int) -> str:
         if self.stages:
@@ -131,6 +140,24 @@ class Endpoints:
             addr = getattr(self, name)
             if "://" not in addr:
                 raise ConfigError(f"endpoints.{name} is {addr!r}; use tcp://HOST:PORT or ipc://PATH")
+        self.http_host_port()
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP front door (services/http/, docs/HTTP.md); its address is endpoints.http."""
+
+    model_name: str = ""  # the name /v1/models serves and requests' `model` must match; "" = from model.path
+    default_max_tokens: int = 256  # a request without max_tokens gets min(this, the context its prompt leaves)
+    max_body_bytes: int = 1 << 20  # request bodies larger than this get 413 before they are parsed
+    request_timeout_s: float = 600.0  # the most one request may take, send to last token, seconds
+
+    def validate(self) -> None:
+        for name in ("default_max_tokens", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"http.{name} must be > 0")
+        if self.request_timeout_s <= 0:
+            raise ConfigError("http.request_timeout_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -140,9 +167,10 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     endpoints: Endpoints = field(default_factory=Endpoints)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints):
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints, self.http):
             section.validate()
         if self.endpoints.stages and len(self.endpoints.stages) != self.parallel.num_stages:
             raise ConfigError(

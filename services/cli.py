@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("services.launcher", "start the whole stack on this machine"),
     "demo": ("services.demo", "start the stack, send a short mixed load, print a table, stop"),
     "ingress": ("services.ingress.__main__", "run the ingress process alone"),
+    "http": ("services.http.__main__", "run the OpenAI-compatible HTTP front door (a client of ingress)"),
     "scheduler": ("services.scheduler.__main__", "run the scheduler process alone"),
     "kvcache": ("services.kvcache.__main__", "run the KV-cache manager process alone"),
     "worker": ("workers.__main__", "run one stage worker process alone"),

@@ -1,0 +1,132 @@
+"""The HTTP app in process around a fake ingress client: status codes, defaults, stop strings, mid-stream errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from common.client import InternalError, Overloaded, RequestTimeout, Unavailable
+from common.protocol import FinishEvent, TokenEvent
+from services.http.app import create_app
+from services.http.chat import ChatTemplate
+from services.http.front import FrontDoor, PromptEncoder, ServedModel
+from services.http.metrics import Metrics
+
+
+class FakeClient:
+    """Plays AsyncClient: each stream() answers with the next script (events, or an exception to raise)."""
+
+    def __init__(self) -> None:
+        self.scripts: list[list[Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.cancelled: list[str] = []
+        self.stats_error: Exception | None = None
+
+    def stream(self, prompt: str | None = None, **params: Any):
+        self.requests.append(params)
+        script = self.scripts.pop(0) if self.scripts else [FinishEvent(params["request_id"], "length", [1], "x", 1, 1)]
+
+        async def events():
+            for item in script:
+                await asyncio.sleep(0)
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        return events()
+
+    async def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    async def stats(self, timeout: float | None = None) -> dict[str, int | float]:
+        if self.stats_error is not None:
+            raise self.stats_error
+        return {"kv_free_blocks": 10, "kv_total_blocks": 10, "jobs_live": 0}
+
+    async def close(self) -> None:
+        pass
+
+
+def tokens(*texts: str) -> list[TokenEvent]:
+    return [TokenEvent("r", [ord(t[0]) if t else 0] * max(1, len(t)), t) for t in texts]
+
+
+@pytest.fixture
+async def app_client():
+    fake = FakeClient()
+    front = FrontDoor(fake, ServedModel("default", 64, 0), PromptEncoder.for_model("default"), ChatTemplate.fallback(),
+                      Metrics(), default_max_tokens=16, max_body_bytes=4096)
+    transport = httpx.ASGITransport(app=create_app(front))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as http:
+        yield http, fake
+
+
+async def test_stack_errors_map_to_http_statuses(app_client):
+    http, fake = app_client
+    for error, status in [(Overloaded("full"), 429), (Unavailable("starting"), 503), (InternalError("died"), 500),
+                          (RequestTimeout("slow"), 504)]:
+        fake.scripts.append([error])
+        response = await http.post("/v1/completions", json={"prompt": "hi"})
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == error.code
+        assert response.json()["error"]["message"] == error.message
+
+
+async def test_default_max_tokens_is_the_context_left_capped(app_client):
+    http, fake = app_client
+    await http.post("/v1/completions", json={"prompt": "abcd"})
+    await http.post("/v1/completions", json={"prompt": "a" * 60})
+    assert [r["max_tokens"] for r in fake.requests] == [16, 4]  # min(default 16, 64 - prompt)
+    assert fake.requests[0]["prompt_ids"] == list(b"abcd") and fake.requests[0]["temperature"] == 1.0
+    response = await http.post("/v1/completions", json={"prompt": "a" * 64})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_too_long"
+
+
+async def test_a_stop_string_across_events_ends_the_job_with_stop(app_client):
+    http, fake = app_client
+    fake.scripts.append([*tokens("ab", "c<", "/e", "nd>", "zz"), FinishEvent("r", "length", [], "", 3, 6)])
+    response = await http.post("/v1/completions", json={"prompt": "hi", "stop": ["</end>", "never"]})
+    choice = response.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("abc", "stop")
+    assert fake.cancelled == [fake.requests[0]["request_id"]]
+
+
+async def test_a_failure_mid_stream_is_an_error_event_then_done(app_client):
+    http, fake = app_client
+    fake.scripts.append([*tokens("a", "b"), InternalError("a worker died")])
+    response = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "stream": True})
+    assert response.status_code == 200
+    events = [e.removeprefix("data: ") for e in response.text.strip().split("\n\n")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "internal"
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "ab"
+
+
+async def test_health_models_unknown_routes_and_body_limit(app_client):
+    http, fake = app_client
+    assert (await http.get("/health")).status_code == 200
+    fake.stats_error = Unavailable("starting")
+    response = await http.get("/health")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+    assert (await http.get("/v1/models")).json()["data"][0]["id"] == "default"
+    response = await http.post("/v1/completions", json={"prompt": "hi", "model": "other"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert (await http.get("/v1/nothing")).json()["error"]["code"] == "not_found"
+    response = await http.post("/v1/completions", json={"prompt": "x" * 5000})
+    assert response.status_code == 413 and fake.requests == []
+
+    async def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = await http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert fake.requests == []
+    metrics = (await http.get("/metrics")).text
+    assert "fastserve:stack_up 0.0" in metrics and 'fastserve:request_errors_total{code="model_not_found"} 1.0' in metrics
