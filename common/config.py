@@ -116,7 +116,7 @@ class Endpoints:
     stages: tuple[str, ...] = ()  # stage inboxes; empty = ports after kvcache on the kvcache host
     bind_any: bool = False  # bind tcp inboxes on every interface (containers, multi-host)
     host_pool: str = "fastserve_kv"  # name of the shared-memory host KV pool
-    http: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI-compatible HTTP front door (not ZeroMQ); bind_any binds 0.0.0.0
+    http: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI-compatible HTTP front door (not ZeroMQ); bind_any binds 0.0.0.0; "" = none
 
     def http_host_port(self) -> tuple[str, int]:
         """endpoints.http as (host, port); brackets of an IPv6 host are stripped."""
@@ -140,7 +140,8 @@ class Endpoints:
             addr = getattr(self, name)
             if "://" not in addr:
                 raise ConfigError(f"endpoints.{name} is {addr!r}; use tcp://HOST:PORT or ipc://PATH")
-        self.http_host_port()
+        if self.http:  # "" = no HTTP front door
+            self.http_host_port()
 
 
 @dataclass(frozen=True)

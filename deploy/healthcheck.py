@@ -3,9 +3,10 @@
 ingress: healthy once it answers a stats query, which it does only after the scheduler has relayed the
 ready handshakes of kvcache and every worker (the stack is ready). scheduler, kvcache, worker: healthy
 once the process's inbox accepts connections; each binds it after loading (model, host pool) and sends
-its ready handshake right after binding.
+its ready handshake right after binding. http: healthy once GET /health answers 200, which it does only
+while ingress reports the stack ready.
 
-    python deploy/healthcheck.py --config FILE ingress|scheduler|kvcache|worker [--stage K]
+    python deploy/healthcheck.py --config FILE ingress|scheduler|kvcache|worker|http [--stage K]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 from common import config as config_mod
 
-ROLES = ("ingress", "scheduler", "kvcache", "worker")
+ROLES = ("ingress", "scheduler", "kvcache", "worker", "http")
 
 
 def inbox(config: config_mod.Config, role: str, stage: int) -> str:
@@ -33,6 +34,17 @@ def port_open(address: str, timeout: float) -> bool:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return True
     except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):  # 503 while the stack starts, or nothing listening yet
         return False
 
 
@@ -55,8 +67,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
     args = p.parse_args(argv)
     config = config_mod.load(args.config)
-    address = inbox(config, args.role, args.stage)
-    healthy = asyncio.run(stack_ready(address, args.timeout)) if args.role == "ingress" else port_open(address, args.timeout)
+    if args.role == "http":
+        _, port = config.endpoints.http_host_port()
+        address = f"http://127.0.0.1:{port}/health"  # the check runs beside the process it checks
+        healthy = http_ok(address, args.timeout)
+    else:
+        address = inbox(config, args.role, args.stage)
+        healthy = asyncio.run(stack_ready(address, args.timeout)) if args.role == "ingress" else port_open(address, args.timeout)
     print(f"{args.role}: {'healthy' if healthy else 'not ready'} ({address})")
     return 0 if healthy else 1
 

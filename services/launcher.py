@@ -45,12 +45,14 @@ class Child:
         return self.role if self.stage < 0 else f"{self.role}{self.stage}"
 
 
-def child_commands(config_path: str, num_stages: int, log_level: str) -> list[tuple[str, int, list[str]]]:
-    """(role, stage, argv) of every process of the stack; workers first so stage inboxes bind early."""
+def child_commands(config_path: str, num_stages: int, log_level: str, http: bool = True) -> list[tuple[str, int, list[str]]]:
+    """(role, stage, argv) of every process of the stack; workers first so stage inboxes bind early;
+    the HTTP front door last (it is a client of ingress), unless endpoints.http is empty."""
     base = [sys.executable, "-m", "services.cli"]
     opts = ["--config", config_path, "--log-level", log_level]
     cmds = [("worker", k, [*base, "worker", *opts, "--stage", str(k)]) for k in range(num_stages)]
-    cmds += [(role, -1, [*base, role, *opts]) for role in ("kvcache", "scheduler", "ingress")]
+    roles = ("kvcache", "scheduler", "ingress", "http") if http else ("kvcache", "scheduler", "ingress")
+    cmds += [(role, -1, [*base, role, *opts]) for role in roles]
     return cmds
 
 
@@ -120,7 +122,8 @@ class Launcher:
     async def start(self) -> None:
         """Spawn every child and wait for all ready handshakes (and the stack's own)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for role, stage, argv in child_commands(str(self.config_path), self.config.parallel.num_stages, self.log_level):
+        for role, stage, argv in child_commands(str(self.config_path), self.config.parallel.num_stages, self.log_level,
+                                                bool(self.config.endpoints.http)):
             proc = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True, preexec_fn=die_with_parent)
             self.children.append(Child(role, stage, proc))
         expected = {(c.role, c.stage) for c in self.children} | {("stack", -1)}
@@ -217,6 +220,8 @@ async def launch(config: config_mod.Config, log_level: str) -> int:
             launcher.say(str(e))
             return 1
         launcher.say(f"stack ready: {config.parallel.num_stages} stage(s), policy {config.scheduler.policy}")
+        if config.endpoints.http:
+            launcher.say(f"OpenAI-compatible API on http://{config.endpoints.http}/v1")
         print(launcher.endpoint(), flush=True)
         return await launcher.supervise()
     finally:

@@ -35,8 +35,9 @@ def on_free_ports(config: config_mod.Config) -> config_mod.Config:
     stages = config.parallel.num_stages
     ports = free_ports(4 + stages)
     addr = [f"tcp://127.0.0.1:{p}" for p in ports]
+    # the load tester speaks ZeroMQ: no HTTP front door, so no fixed HTTP port to collide on
     return config.replace(endpoints={"client": addr[0], "ingress": addr[1], "scheduler": addr[2],
-                                     "kvcache": addr[3], "stages": tuple(addr[4:]), "bind_any": False})
+                                     "kvcache": addr[3], "stages": tuple(addr[4:]), "bind_any": False, "http": ""})
 
 
 class LaunchedStack:

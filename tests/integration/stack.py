@@ -16,11 +16,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def local_overrides(num_stages: int) -> list[str]:
     """Endpoints on free loopback ports (stage inboxes included)."""
-    ports = free_ports(4 + num_stages)
+    ports = free_ports(5 + num_stages)
     names = ("client", "ingress", "scheduler", "kvcache")
     addrs = [f"endpoints.{n}=tcp://127.0.0.1:{p}" for n, p in zip(names, ports)]
-    stages = ",".join(f"tcp://127.0.0.1:{p}" for p in ports[4:])
-    return [*addrs, f"endpoints.stages={stages}", f"parallel.num_stages={num_stages}"]
+    stages = ",".join(f"tcp://127.0.0.1:{p}" for p in ports[5:])
+    return [*addrs, f"endpoints.http=127.0.0.1:{ports[4]}", f"endpoints.stages={stages}", f"parallel.num_stages={num_stages}"]
+
+
+def local_overrides_of(args: list[str]) -> list[str]:
+    """The --set values of a command line, last one winning per key."""
+    values = {}
+    for flag, value in zip(args, args[1:]):
+        if flag == "--set":
+            values[value.split("=", 1)[0]] = value
+    return list(values.values())
 
 
 class Stack:
@@ -40,6 +49,8 @@ class Stack:
             self.stop()
             raise RuntimeError(f"stack did not start: {line!r}\n" + "".join(self.log_lines[-40:]))
         self.endpoint = line.strip()
+        http = next((o.split("=", 1)[1] for o in [*local_overrides_of(args)] if o.startswith("endpoints.http=")), "")
+        self.http = f"http://{http}" if http else ""  # base URL of the OpenAI-compatible front door
 
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:

@@ -56,8 +56,8 @@ def test_compose_file_passes_docker_compose_config(profile):
 
 def test_compose_services_and_mounts():
     cpu, gpu = services_of("cpu"), services_of("gpu")
-    assert sorted(cpu) == ["ingress", "kvcache", "scheduler", "worker0", "worker1"]
-    assert sorted(gpu) == ["ingress", "kvcache", "scheduler", "worker0-gpu", "worker1-gpu"]
+    assert sorted(cpu) == ["http", "ingress", "kvcache", "scheduler", "worker0", "worker1"]
+    assert sorted(gpu) == ["http", "ingress", "kvcache", "scheduler", "worker0-gpu", "worker1-gpu"]
     for svc in cpu.values():
         assert any(v.endswith(f":{CONTAINER_CONFIG}:ro") for v in svc["volumes"])  # one shared config
         assert "test" in svc["healthcheck"]
@@ -74,6 +74,7 @@ def local_config(tmp_path: Path, service_names: set[str]) -> Path:
     ports = dict(zip(found, free_ports(len(found))))
     text = ADDRESS.sub(lambda m: f"tcp://127.0.0.1:{ports[(m.group(1), m.group(2))]}", text)
     text = re.sub(r'host_pool = "[^"]*"', f'host_pool = "fastserve_compose_{uuid.uuid4().hex[:8]}"', text)
+    text = re.sub(r'^http = "[^"]*"', f'http = "127.0.0.1:{free_ports(1)[0]}"', text, flags=re.M)
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
@@ -134,6 +135,12 @@ def test_compose_services_as_local_processes_serve_requests(tmp_path):
         assert [o.error for o in outcomes] == [""] * 8
         assert [o.tokens for o in outcomes] == [s.max_tokens for s in plan]
         assert all(o.scheduled_s <= o.first_token_s <= o.finish_s for o in outcomes)
+        import httpx  # the http service answers the OpenAI API beside the ZeroMQ clients
+
+        http = re.search(r'^http = "([^"]+)"', config.read_text(), flags=re.M).group(1)
+        reply = httpx.post(f"http://{http}/v1/completions", timeout=60,
+                           json={"model": "default", "prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3, reply.text
     finally:
         for name, p in procs.items():
             if p.poll() is None:

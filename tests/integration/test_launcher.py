@@ -36,11 +36,19 @@ def test_a_chosen_host_pool_name_is_kept_and_the_run_directory_goes_with_the_sta
     stack = Stack(["scheduler.policy=fcfs", f"endpoints.host_pool={pool}"], num_stages=1)
     try:
         kids = children(stack.proc.pid)
-        assert len(kids) == 4  # ingress, scheduler, kvcache, one worker
+        assert len(kids) == 5  # ingress, scheduler, kvcache, one worker, the HTTP front door
         run_dir = config_path(next(iter(kids.values()))).parent
         assert run_dir.is_dir()
         assert f'host_pool = "{pool}"' in (run_dir / "config.toml").read_text()
         assert Path(f"/dev/shm/{pool}").exists()  # the KV manager created the pool under that name
+        # `fastserve up` serves the OpenAI-compatible API too, on endpoints.http
+        import httpx
+
+        assert httpx.get(f"{stack.http}/health", timeout=30).status_code == 200
+        reply = httpx.post(f"{stack.http}/v1/completions", timeout=60,
+                           json={"model": "default", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 4
     finally:
         assert stack.stop() == 0
     assert not run_dir.exists()
@@ -49,7 +57,7 @@ def test_a_chosen_host_pool_name_is_kept_and_the_run_directory_goes_with_the_sta
 def test_children_do_not_outlive_a_killed_launcher():
     stack = Stack(["scheduler.policy=fcfs"], num_stages=1)
     kids = list(children(stack.proc.pid))
-    assert len(kids) == 4
+    assert len(kids) == 5
     stack.proc.send_signal(signal.SIGKILL)
     stack.proc.wait(10)
     deadline = time.monotonic() + 20
