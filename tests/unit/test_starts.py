@@ -8,22 +8,13 @@ from common.config import ConfigError, SchedulerConfig
 from services.scheduler.job import Job, JobStatus
 from services.scheduler.policies import FCFS, MLFQ, Orca, SkipJoinMLFQ
 from services.scheduler.policies.starts import Capacity, OutputLengths
+from test_policies import always
+from test_policies import run as ran
 
 
 def jobs_of(prompts, arrival_s=0.0, max_tokens=50, start_id=0):
     return [Job(job_id=start_id + i, arrival_s=arrival_s, prompt_len=p, max_tokens=max_tokens)
             for i, p in enumerate(prompts)]
-
-
-def always(job):
-    return True
-
-
-def ran(policy, batch, seconds, now):
-    for job in batch:
-        job.num_computed = job.context_len
-        job.num_generated += 1
-    policy.update(batch, seconds, now)
 
 
 def finish(policy, job):
