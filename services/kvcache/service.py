@@ -162,7 +162,13 @@ class KVCacheManager:
     async def on_swap_done(self, msg: SwapDone) -> None:
         self.copy_s += msg.copy_s
         self.overlap_s += msg.overlap_s
-        completed = [op_id for op_id in msg.op_ids if self.planner.ack(op_id, msg.stage)]
+        completed = []
+        for op_id in msg.op_ids:
+            try:
+                if self.planner.ack(op_id, msg.stage):
+                    completed.append(op_id)
+            except (KeyError, ValueError) as e:  # an unknown op or stage (a forged or stale message): drop it
+                self.log.warning("bad_swap_done", op_id=op_id, stage=msg.stage, error=str(e))
         if completed:
             books = self.planner.books
             await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), []))

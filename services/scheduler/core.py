@@ -57,6 +57,7 @@ class Counters:
     preemptions: int = 0
     held_back: int = 0
     recomputes: int = 0
+    rejected: int = 0  # SubmitJob for a job id that is already live (dropped)
     compute_s: float = 0.0
 
 
@@ -85,7 +86,10 @@ class SchedulerCore:
 
     def submit(self, msg: SubmitJob, now: float) -> list[JobEvent]:
         if msg.job_id in self.entries:
-            return [JobEvent(msg.job_id, [], "error", "invalid_request", f"job {msg.job_id} already exists")]
+            # Ingress assigns job ids, so a second live one is forged or stale: answering with an error
+            # under that id would end the innocent live job. It is dropped (the service logs it).
+            self.counters.rejected += 1
+            return []
         job = Job(msg.job_id, now, len(msg.prompt_ids), msg.max_tokens)
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(self.eos_token_ids))
         self.entries[msg.job_id] = Entry(job, list(msg.prompt_ids), msg, frozenset(stop))
@@ -339,5 +343,6 @@ class SchedulerCore:
             "preemptions": c.preemptions,
             "held_back": c.held_back,
             "recomputes": c.recomputes,
+            "submits_rejected": c.rejected,
             "compute_s": c.compute_s,
         }

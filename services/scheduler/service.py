@@ -116,6 +116,8 @@ class Scheduler:
         await sockets.send(self.send_to_ingress, events[0] if len(events) == 1 else JobEvents(events))
 
     async def on_submit(self, msg: SubmitJob) -> None:
+        if msg.job_id in self.core.entries:
+            self.log.warning("duplicate_submit_dropped", job_id=msg.job_id)
         await self.emit(self.core.submit(msg, self.clock()))
 
     async def on_cancel(self, msg: CancelJob) -> None:

@@ -201,3 +201,14 @@ def test_a_job_whose_sampling_failed_ends_alone():
     assert "bad distribution" in events[1].error_message
     assert (events[2].token_ids, events[2].finish_reason) == ([42], "")
     assert core.next_batch(0.1).freed_job_ids == [1]  # its KV goes back to the pool
+
+
+def test_a_second_submit_of_a_live_job_id_is_dropped_and_never_ends_the_live_job():
+    core = make_core()
+    core.submit(submit(1, [5, 6], max_tokens=2), now=0.0)
+    assert core.submit(submit(1, [9, 9, 9], max_tokens=50), now=0.1) == []  # forged or stale: no event at all
+    batch = core.next_batch(0.1)
+    assert batch.job_ids == [1] and batch.input_ids.tolist() == [5, 6]  # the live job is untouched
+    (event,) = core.on_result(result(batch, [42]), 0.2)
+    assert (event.job_id, event.token_ids, event.finish_reason) == (1, [42], "")
+    assert core.stats()["submits_rejected"] == 1

@@ -1,0 +1,56 @@
+"""The KV-cache manager over real ZeroMQ sockets with fake peers: messages it cannot match are dropped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from common import sockets
+from common.messages import BatchPlanned, BatchSampling, KVCapacity, Ready, ScheduleBatch, StageBatch, SwapDone
+from services.kvcache.books import KVBooks
+from services.kvcache.planner import Planner
+from services.kvcache.service import KVCacheManager
+
+
+def batch(batch_id: int, job_id: int, tokens: list[int]) -> ScheduleBatch:
+    sampling = BatchSampling([0.0], [0], [1.0], [None], [0])
+    return ScheduleBatch(batch_id, [job_id], [len(tokens)], [0], sampling, np.asarray(tokens, np.int64), [], [], [])
+
+
+async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
+    ctx = zmq.asyncio.Context()
+    names = {k: f"inproc://kv-{k}" for k in ("inbox", "stage0", "scheduler")}
+    stage0 = ctx.socket(zmq.PULL)
+    stage0.bind(names["stage0"])
+    scheduler = ctx.socket(zmq.PULL)
+    scheduler.bind(names["scheduler"])
+    manager = KVCacheManager(
+        Planner(KVBooks(16, 32, 4, num_stages=1), "proactive", 2, 4),
+        recv_inbox=sockets.bind_inbox(ctx, names["inbox"]),
+        send_to_stage0=sockets.connect_push(ctx, names["stage0"]),
+        send_to_scheduler=sockets.connect_push(ctx, names["scheduler"]),
+    )
+    to_manager = sockets.connect_push(ctx, names["inbox"])
+    loop = asyncio.ensure_future(manager.run())
+    try:
+        capacity = await asyncio.wait_for(sockets.recv(scheduler), 10)
+        assert isinstance(capacity, KVCapacity) and capacity.device_blocks == 16
+        assert isinstance(await asyncio.wait_for(sockets.recv(scheduler), 10), Ready)
+        # a late ack from before a restart, a forged op id, a stage that does not exist
+        for op_ids, stage in (([0], 0), ([12345, 7], 0), ([0], 9)):
+            await sockets.send(to_manager, SwapDone(stage, op_ids, 0.001, 0.0))
+        await sockets.send(to_manager, batch(1, 42, [1, 2, 3]))
+        planned = await asyncio.wait_for(sockets.recv(scheduler), 10)
+        assert isinstance(planned, BatchPlanned) and planned.held_job_ids == []
+        forwarded = await asyncio.wait_for(sockets.recv(stage0), 10)
+        assert isinstance(forwarded, StageBatch) and forwarded.job_ids == [42]
+        assert not loop.done()
+    finally:
+        loop.cancel()
+        manager.close()
+        for sock in (stage0, scheduler, to_manager):
+            sock.close(linger=0)
+        ctx.term()
