@@ -84,9 +84,11 @@ class IngressCore:
     def _generate(self, identity: bytes, req: Generate) -> list[Any]:
         if req.version != PROTOCOL_VERSION:
             return [self._reject(identity, req.request_id, *_version_error(req.version))]
-        request_id = req.request_id or f"ingress-{self._next_job}"
+        request_id = req.request_id or self._server_id(identity)
         if (identity, request_id) in self.live:
-            return [self._reject(identity, request_id, ErrorCode.INVALID_REQUEST,
+            # Named "" (as an unreadable request is): an error under the live request's id would be a
+            # second final event for it, and the client would end the wrong request.
+            return [self._reject(identity, "", ErrorCode.INVALID_REQUEST,
                                  f"request id {request_id!r} is already live on this connection")]
         try:
             ids = prompt_ids(req, self.tokenizer, self.limits)
@@ -114,6 +116,13 @@ class IngressCore:
             raise Rejected(ErrorCode.OVERLOADED,
                            f"{len(self.jobs)} jobs are in the system, the bound is {self.limits.max_jobs_in_system}; "
                            "retry later")
+
+    def _server_id(self, identity: bytes) -> str:
+        """An id for a request that came without one, never one a request of this client holds."""
+        n = self._next_job
+        while (identity, f"ingress-{n}") in self.live:
+            n += 1
+        return f"ingress-{n}"
 
     def _cancel(self, identity: bytes, request_id: str) -> list[Any]:
         job_id = self.live.pop((identity, request_id), None)

@@ -93,7 +93,8 @@ async def test_duplicate_request_id_while_live_is_rejected_and_reusable_after(h)
     await d.send_multipart(codec.encode(gen(request_id="r1", prompt_ids=[5, 6])))
     job = await h.submitted()
     ev = await ask(h, d, codec.encode(gen(request_id="r1", prompt_ids=[7])))
-    assert (ev.code, ev.request_id) == ("invalid_request", "r1") and "already live" in ev.message
+    # named "": an error under "r1" would be a second final event for the live request
+    assert (ev.code, ev.request_id) == ("invalid_request", "") and "'r1' is already live" in ev.message
     other = h.dealer()  # the same id on another connection is a different request
     await other.send_multipart(codec.encode(gen(request_id="r1", prompt_ids=[8])))
     job2 = await h.submitted()
@@ -208,3 +209,18 @@ async def test_stats_forwarded_and_merged_and_timeout_answered():
         assert (ev.request_id, ev.code) == ("q2", "unavailable")
     finally:
         await h.close()
+
+
+async def test_a_server_assigned_id_never_collides_with_a_clients_own(h):
+    d = h.dealer()
+    # job 1 under the id the server would give the next request (job 2) if it did not check
+    await d.send_multipart(codec.encode(gen(request_id="ingress-2", prompt_ids=[5, 6])))
+    mine = await h.submitted()
+    await d.send_multipart(codec.encode(gen(request_id="", prompt_ids=[7])))
+    theirs = await h.submitted()
+    await h.emit(JobEvent(theirs.job_id, [1], "stop", "", ""))
+    fin = await h.event(d)
+    assert isinstance(fin, FinishEvent) and fin.request_id not in ("", "ingress-2")
+    await h.emit(JobEvent(mine.job_id, [2], "stop", "", ""))
+    fin = await h.event(d)
+    assert isinstance(fin, FinishEvent) and fin.request_id == "ingress-2"
