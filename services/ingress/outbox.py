@@ -32,7 +32,7 @@ class ClientOutbox:
         self.backlog: dict[bytes, deque[list[bytes]]] = {}
         self.since: dict[bytes, float] = {}  # when the oldest queued event of a client was queued
         self.stalled: set[bytes] = set()  # clients already reported as not reading
-        self.counters = {"client_events_queued": 0, "clients_stalled": 0, "client_events_to_gone": 0}
+        self.counters = {"client_events_queued": 0, "clients_stalled": 0, "clients_gone": 0}
 
     def send(self, identity: bytes, msg: Any) -> None:
         frames = [identity, *codec.encode(msg)]
@@ -96,7 +96,7 @@ class ClientOutbox:
         self.backlog.pop(identity, None)
         self.since.pop(identity, None)
         self.stalled.discard(identity)
-        self.counters["client_events_to_gone"] += 1
+        self.counters["clients_gone"] += 1
         self.on_lost(identity, "the client went away")
 
 
