@@ -58,6 +58,9 @@ def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False, max_mess
     drops the connection of a peer that sends a larger frame before any of it is buffered whole."""
     sock = _socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    # A send to a full or vanished client fails (EAGAIN, EHOSTUNREACH) instead of being dropped in
+    # silence at the high-water mark: services/ingress/outbox.py queues or cancels on it.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.bind(bind_address(address, bind_any))
     return sock
 

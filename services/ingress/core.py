@@ -132,6 +132,16 @@ class IngressCore:
         return [ToClient(identity, ErrorEvent(request_id, ErrorCode.CANCELLED, "cancelled by the client")),
                 ToScheduler(CancelJob(job_id))]
 
+    def drop_client(self, identity: bytes, why: str) -> list[Any]:
+        """A client went away or stopped reading: cancel every live request of it, each with its final event."""
+        out: list[Any] = []
+        for (client, request_id), job_id in list(self.live.items()):
+            if client == identity:
+                del self.live[(client, request_id)]
+                self.jobs[job_id].cancelled = True
+                out += [ToClient(identity, ErrorEvent(request_id, ErrorCode.CANCELLED, why)), ToScheduler(CancelJob(job_id))]
+        return out
+
     def _stats_query(self, identity: bytes, request_id: str) -> list[Any]:
         if not self.ready:
             return [self._reject(identity, request_id, ErrorCode.UNAVAILABLE, "the stack is not ready; retry later")]

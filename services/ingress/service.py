@@ -10,9 +10,12 @@ from common.log import get_logger
 from common.messages import Exit, JobEvent, JobEvents, Ready, Stats
 from common.protocol import CLIENT_MESSAGES
 from services.ingress.core import IngressCore, ToClient, ToScheduler
+from services.ingress.outbox import ClientOutbox
 from services.ingress.validate import Limits
 
 STATS_TIMEOUT_S = 5.0  # a stats query the scheduler has not answered by then gets `unavailable`
+CLIENT_STALL_S = 30.0  # a client that reads none of its events for this long has its requests cancelled
+FLUSH_S = 0.005  # how often queued client events are retried while any wait
 EVENT_TYPES = (JobEvent, JobEvents, Stats, Ready, Exit)
 
 
@@ -27,9 +30,12 @@ class Ingress:
         send_to_scheduler: Any,
         send_to_control: Any | None = None,
         stats_timeout_s: float = STATS_TIMEOUT_S,
+        client_stall_s: float = CLIENT_STALL_S,
     ) -> None:
         self.core = core
         self.from_clients = from_clients
+        self.lost: list[tuple[bytes, str]] = []  # clients gone or not reading, for the flush loop to cancel
+        self.outbox = ClientOutbox(from_clients, client_stall_s, lambda identity, why: self.lost.append((identity, why)))
         self.recv_from_scheduler = recv_from_scheduler
         self.send_to_scheduler = send_to_scheduler
         self.send_to_control = send_to_control
@@ -60,7 +66,8 @@ class Ingress:
         if self.send_to_control is not None:
             await sockets.send(self.send_to_control, Ready("ingress", -1))
         self.log.info("ingress_ready", client=sockets.bound_address(self.from_clients))
-        tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._scheduler_loop())]
+        tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._scheduler_loop()),
+                 asyncio.create_task(self._flush_loop())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -93,6 +100,16 @@ class Ingress:
             await self._send(self.core.on_event(msg))
             await self._tell_control(msg)
 
+    async def _flush_loop(self) -> None:
+        """Deliver queued client events; cancel the requests of clients that went away or stopped reading."""
+        while True:
+            await asyncio.sleep(FLUSH_S if self.outbox.backlog else 10 * FLUSH_S)
+            self.outbox.flush()
+            while self.lost:
+                identity, why = self.lost.pop(0)
+                self.log.warning("client_lost", client=identity.hex(), reason=why)
+                await self._send(self.core.drop_client(identity, why))
+
     async def _tell_control(self, msg: Any) -> None:
         """The launcher waits for the stack's readiness as ingress sees it, and for ingress to have
         failed every live request after a peer died, before it stops the stack."""
@@ -106,7 +123,7 @@ class Ingress:
     async def _send(self, outs: list[Any]) -> None:
         for out in outs:
             if isinstance(out, ToClient):
-                await sockets.send(self.from_clients, out.msg, (out.identity,))
+                self.outbox.send(out.identity, out.msg)
             elif isinstance(out, ToScheduler):
                 await sockets.send(self.send_to_scheduler, out.msg)
                 request_no = getattr(out.msg, "request_no", None)
