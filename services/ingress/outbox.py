@@ -101,4 +101,4 @@ class ClientOutbox:
 
 
 def _is_final(frames: list[bytes]) -> bool:
-    return bytes(frames[1])[:1] in (bytes([t]) for t in FINAL_TYPES)
+    return frames[1][0] in FINAL_TYPES  # frames = [identity, type byte, payload, ...]
