@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -56,8 +57,10 @@ def test_a_chosen_host_pool_name_is_kept_and_the_run_directory_goes_with_the_sta
 
 def test_children_do_not_outlive_a_killed_launcher():
     stack = Stack(["scheduler.policy=fcfs"], num_stages=1)
-    kids = list(children(stack.proc.pid))
+    found = children(stack.proc.pid)
+    kids = list(found)
     assert len(kids) == 5
+    run_dir = config_path(next(iter(found.values()))).parent  # a killed launcher cannot remove it itself
     stack.proc.send_signal(signal.SIGKILL)
     stack.proc.wait(10)
     deadline = time.monotonic() + 20
@@ -66,4 +69,5 @@ def test_children_do_not_outlive_a_killed_launcher():
     left = [pid for pid in kids if alive(pid)]
     for pid in left:  # do not leak them into the rest of the suite, whatever the outcome
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(run_dir, ignore_errors=True)
     assert not left, f"children still running after the launcher died: {left}"
