@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from workers.model.batch import StepInput
-from workers.model.layout import blocks_needed
+from common.model.layout import blocks_needed
 from workers.model.runner import StageRunner
-from workers.model.spec import ModelSpec, default_spec
+from common.model.spec import ModelSpec, default_spec
 
 RESULTS = Path(__file__).parent / "results" / "model_step.json"
 

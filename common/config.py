@@ -258,7 +258,7 @@ def build(values: dict[str, Any]) -> Config:
 def _model_dir(path: str) -> str:
     """A model name (smollm2-135m) as its cached directory, converted on first use; every process loads its
     config here, so all of them (and the config file the launcher hands its children) see the same directory."""
-    from workers.model.spec import ModelError, resolve_model  # lazy: only this needs the model code
+    from common.model.spec import ModelError, resolve_model  # lazy: only this needs the model code
 
     try:
         return resolve_model(path)

@@ -1,6 +1,6 @@
 """Paged attention, torch reference: write new K/V into pool slots and attend over each job's block table.
 
-Pool layout: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (workers/model/layout.py).
+Pool layout: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (common/model/layout.py).
 A "chunk" is the [block_size, head_dim] slab of one (block, layer, K|V, kv head); gathering a job's
 chunks in table order yields its K as [kv_heads, tokens, head_dim], already contiguous in the layout
 attention wants, so the gather is the only copy. All addressing is precomputed once per step

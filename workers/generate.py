@@ -8,8 +8,8 @@ import sys
 
 from common.config import ConfigError, load
 from workers.model.sampling import SamplingParams
-from workers.model.spec import ModelError
-from workers.model.tokenizer import load_tokenizer
+from common.model.spec import ModelError
+from common.model.tokenizer import load_tokenizer
 
 
 class _Parser(argparse.ArgumentParser):

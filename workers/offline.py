@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.model.batch import StepInput
-from workers.model.layout import blocks_needed, stage_layers
+from common.model.layout import blocks_needed, stage_layers
 from workers.model.runner import StageRunner, resolve_device, with_context_limit
 from workers.model.sampling import SamplingParams, finish_reason, sample
-from workers.model.spec import ModelError, load_spec
+from common.model.spec import ModelError, load_spec
 from workers.model.weights import load_weights
 
 

@@ -14,9 +14,9 @@ from common.config import ConfigError, load
 from common.profile import Profile
 from workers.generate import _Parser, _UsageError
 from workers.model.batch import StepInput
-from workers.model.layout import blocks_needed
+from common.model.layout import blocks_needed
 from workers.model.runner import with_context_limit
-from workers.model.spec import ModelError, load_spec
+from common.model.spec import ModelError, load_spec
 from workers.offline import OfflineEngine
 
 

@@ -80,7 +80,7 @@ class StageWorker:
 
             def open_executor() -> Any:
                 # The KV manager creates the host pool; the first swap op it sends proves it exists.
-                from services.kvcache.hostpool import HostPool, HostPoolLayout
+                from common.hostpool import HostPool, HostPoolLayout
                 from workers.copy_executor import make_executor
 
                 pool = HostPool.attach(config.endpoints.host_pool, HostPoolLayout.from_config(config))

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def workload_spec(args: argparse.Namespace, config: config_mod.Config) -> plan_mod.WorkloadSpec:
-    from workers.model.spec import load_spec
+    from common.model.spec import load_spec
 
     context = args.max_context or config.model.max_context or load_spec(config.model.path).max_context
     if args.num < 0 or (not args.trace and args.num == 0):

@@ -37,8 +37,8 @@ class PromptEncoder:
 
     @classmethod
     def for_model(cls, path: str) -> "PromptEncoder":
-        from workers.model.spec import DEFAULT
-        from workers.model.tokenizer import load_tokenizer
+        from common.model.spec import DEFAULT
+        from common.model.tokenizer import load_tokenizer
 
         if path == DEFAULT:  # bytes: no special tokens to add or skip
             tok = load_tokenizer(path)
@@ -89,7 +89,7 @@ class FrontDoor:
     @classmethod
     def from_config(cls, config: Any) -> "FrontDoor":
         """Read the model's spec, tokenizer and chat template; the client connects on first use."""
-        from workers.model.spec import DEFAULT, load_spec
+        from common.model.spec import DEFAULT, load_spec
 
         path = config.model.path
         spec = load_spec(path)

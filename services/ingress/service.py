@@ -45,8 +45,8 @@ class Ingress:
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "Ingress":
         """Load the model's spec and tokenizer, bind the client ROUTER and the inbox, connect to the scheduler."""
-        from workers.model.spec import load_spec
-        from workers.model.tokenizer import load_tokenizer
+        from common.model.spec import load_spec
+        from common.model.tokenizer import load_tokenizer
 
         spec = load_spec(config.model.path)
         limits = Limits.from_config(config, spec)

@@ -72,7 +72,7 @@ class KVCacheManager:
 
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "KVCacheManager":
-        from services.kvcache.hostpool import HostPool, HostPoolLayout
+        from common.hostpool import HostPool, HostPoolLayout
 
         layout = HostPoolLayout.from_config(config)
         host_pool = None

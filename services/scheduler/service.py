@@ -67,7 +67,7 @@ class Scheduler:
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "Scheduler":
         from common.profile import Profile
-        from workers.model.spec import load_spec
+        from common.model.spec import load_spec
 
         path = config.scheduler.profile
         prefill_time = Profile.load(path).prefill_time if path not in ("", "auto") else None

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from common import config as cfg
-from workers.model import gguf as gguf_mod
+from common.model import gguf as gguf_mod
 from workers.model.sampling import SamplingParams
-from workers.model.spec import NAMED_MODELS, ModelError, resolve_model
-from workers.model.tokenizer import load_tokenizer
+from common.model.spec import NAMED_MODELS, ModelError, resolve_model
+from common.model.tokenizer import load_tokenizer
 from workers.offline import OfflineEngine
 
 NAME = "smollm2-135m"

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import torch
 
-from services.kvcache.hostpool import HostPool, HostPoolError, HostPoolLayout
+from common.hostpool import HostPool, HostPoolError, HostPoolLayout
 
 LAYOUT = HostPoolLayout(num_host_blocks=6, block_shapes=((2, 2, 4, 2, 8), (1, 2, 4, 2, 8)), dtype=torch.float16)
 

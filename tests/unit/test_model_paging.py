@@ -6,9 +6,9 @@ import torch
 
 from kernels.block_copy import copy_blocks
 from workers.model.batch import StepInput
-from workers.model.layout import block_shape, blocks_needed, stage_layers
+from common.model.layout import block_shape, blocks_needed, stage_layers
 from workers.model.runner import StageRunner
-from workers.model.spec import default_spec
+from common.model.spec import default_spec
 from workers.model.weights import load_weights
 
 BS = 4  # small blocks so short prompts span several

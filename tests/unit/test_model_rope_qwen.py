@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from test_model_hf import DECODE_STEPS, _hf_run, _our_run  # noqa: E402
 from workers.model.llama import inv_freq  # noqa: E402
 from workers.model.runner import StageRunner  # noqa: E402
-from workers.model.spec import ModelError, load_spec  # noqa: E402
+from common.model.spec import ModelError, load_spec  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}

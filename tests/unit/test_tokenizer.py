@@ -2,8 +2,8 @@
 
 import pytest
 
-from workers.model.spec import ModelError
-from workers.model.tokenizer import ByteTokenizer, load_tokenizer
+from common.model.spec import ModelError
+from common.model.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_default_is_byte_level_and_round_trips():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.model.spec import ModelError
+from common.model.spec import ModelError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.paged_attention import AttnMeta, paged_attention, store_kv
-from workers.model.spec import ModelSpec
+from common.model.spec import ModelSpec
 from workers.model.weights import Weights
 
 

@@ -8,10 +8,10 @@ import torch
 
 from kernels.paged_attention import build_meta
 from workers.model.batch import StepInput
-from workers.model.layout import block_shape, stage_layers
+from common.model.layout import block_shape, stage_layers
 from workers.model.llama import LlamaStage
 from workers.model.opt import OPTStage
-from workers.model.spec import ModelError, ModelSpec, load_spec
+from common.model.spec import ModelError, ModelSpec, load_spec
 from workers.model.weights import Weights, load_weights, torch_dtype
 
 

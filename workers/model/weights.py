@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from workers.model.spec import DEFAULT, ModelError, ModelSpec, default_spec
+from common.model.spec import DEFAULT, ModelError, ModelSpec, default_spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Weights = dict[str, torch.Tensor]

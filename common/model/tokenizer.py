@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from workers.model.spec import DEFAULT, ModelError, default_spec
+from common.model.spec import DEFAULT, ModelError, default_spec
 
 
 class Tokenizer(Protocol):

@@ -74,7 +74,7 @@ def resolve_model(path: str) -> str:
     """The directory a model path means: a named model's cached conversion (made on first use), else `path`."""
     if path not in NAMED_MODELS:
         return path
-    from workers.model import gguf  # only a named model needs the converter
+    from common.model import gguf  # only a named model needs the converter
 
     return gguf.cached(path, *NAMED_MODELS[path])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.model.spec import ModelError, ModelSpec
+from common.model.spec import ModelError, ModelSpec
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:

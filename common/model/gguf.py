@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.config import cache_dir
-from workers.model.spec import ModelError
+from common.model.spec import ModelError
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 CONTROL, USER_DEFINED = 3, 4

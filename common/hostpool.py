@@ -38,8 +38,8 @@ class HostPoolLayout:
     @classmethod
     def from_config(cls, config) -> "HostPoolLayout":
         """The layout the model in `config` needs (stages may differ in layer count, hence in block size)."""
-        from workers.model.layout import block_shape, stage_layers
-        from workers.model.spec import load_spec
+        from common.model.layout import block_shape, stage_layers
+        from common.model.spec import load_spec
 
         spec = load_spec(config.model.path)
         ranges = stage_layers(spec.num_layers, config.parallel.num_stages)
