@@ -13,6 +13,7 @@ from typing import Any
 POLICIES = ("skip-join-mlfq", "mlfq", "fcfs", "orca", "rtc", "srpt-oracle")
 SWAP_MODES = ("proactive", "reactive", "recompute", "defer")
 DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "reference", "flashinfer")  # kernels/attention.py
 
 
 class ConfigError(ValueError):
@@ -22,14 +23,22 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "default"  # "default" (built-in seeded random Llama), "smollm2-135m" or a HF checkpoint directory
-    dtype: str = "float32"  # weights and activations
-    device: str = "cpu"  # "cpu" or "cuda"; stage k uses cuda:k when device is "cuda"
+    dtype: str = "auto"  # weights and activations; "auto" becomes bfloat16 on CUDA, float32 on CPU
+    device: str = "cpu"  # "cpu" or "cuda"; the GPU of each stage is parallel.devices
+    attention: str = "auto"  # "reference" (torch), "flashinfer", or "auto": FlashInfer on CUDA when importable
     seed: int = 0  # weight seed of the built-in default model
     max_context: int = 0  # tokens; 0 = the model's own max_position_embeddings
 
+    def __post_init__(self) -> None:
+        # fp32 on a GPU halves the KV room and slows decode; every reader sees a concrete dtype
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bfloat16" if self.device == "cuda" else "float32")
+
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype is {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"model.dtype is {self.dtype!r}; use auto or one of {', '.join(DTYPES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention is {self.attention!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"model.device is {self.device!r}; use 'cpu' or 'cuda'")
         if self.max_context < 0:
@@ -98,10 +107,17 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     num_stages: int = 2  # pipeline stages, one worker process each
+    devices: tuple[str, ...] = ()  # CUDA device index of each stage ("0", "0": both on GPU 0); empty = stage k on
+    # GPU k modulo the GPUs the worker sees (one GPU: every stage on it; compose gives each worker its own GPU)
 
     def validate(self) -> None:
         if self.num_stages <= 0:
             raise ConfigError("parallel.num_stages must be > 0")
+        if self.devices and len(self.devices) != self.num_stages:
+            raise ConfigError(f"parallel.devices lists {len(self.devices)} devices but parallel.num_stages is "
+                              f"{self.num_stages}; list one CUDA device index per stage or leave it empty")
+        if any(not d.isdigit() for d in self.devices):
+            raise ConfigError(f"parallel.devices is {list(self.devices)}; use CUDA device indices such as [\"0\", \"1\"]")
 
 
 @dataclass(frozen=True)
