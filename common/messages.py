@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Annotated
@@ -44,6 +45,18 @@ class MsgType(IntEnum):
 FINISH_REASONS = ("", "stop", "length", "cancelled", "error")  # "" while the job runs
 
 JobId = Annotated[int, Range(0)]  # ingress-assigned, unique for the life of the ingress process
+MAX_LOGPROBS = 5  # most likely alternatives a job may ask for at each step
+Logprobs = Annotated[int, Range(0, MAX_LOGPROBS)] | None  # None = no logprobs; k = the token's and the k most likely
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one generated token under the model's distribution at its step (the last stage's
+    logits before temperature, top-k and top-p), natural log; -9999.0 stands for a probability of 0."""
+
+    logprob: float  # of the generated token
+    top_ids: list[int]  # the k most likely token ids, most likely first (k as the job asked; may be empty)
+    top_logprobs: list[float]  # their log-probabilities, same order
 
 
 @message(MsgType.SUBMIT_JOB)
@@ -60,6 +73,7 @@ class SubmitJob:
     seed: int | None  # per-job sampling seed; None = unseeded
     stop_token_ids: list[int]  # generating any of these ends the job with "stop" (the token is emitted)
     ignore_eos: bool  # when false, the model's EOS ids also stop the job
+    logprobs: Logprobs = None  # per generated token: its logprob and the k most likely alternatives
 
 
 @message(MsgType.CANCEL_JOB)
@@ -80,6 +94,11 @@ class JobEvent:
     finish_reason: Annotated[str, OneOf(FINISH_REASONS)]  # "" while running; set on the job's last event
     error_code: str  # protocol error code when finish_reason is "error" (e.g. "internal"), else ""
     error_message: str  # human-readable cause when finish_reason is "error", else ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry if the job asked, else []
+
+    def with_logprobs(self, entry: TokenLogprobs | None) -> "JobEvent":
+        """This event carrying the logprobs of its one new token (itself when there are none)."""
+        return self if entry is None or len(self.token_ids) != 1 else dataclasses.replace(self, logprobs=[entry])
 
 
 @message(MsgType.JOB_EVENTS)
@@ -138,12 +157,17 @@ class BatchSampling:
     top_p: list[float]  # nucleus mass in (0, 1]; 1.0 = no cut
     seed: list[int | None]  # per-job seed; None = unseeded
     step: list[int]  # index of the output token this iteration produces
+    logprobs: list[Logprobs] = field(default_factory=list)  # per job, as SubmitJob.logprobs; [] = none asks
+
+    def __post_init__(self) -> None:
+        if not self.logprobs and self.temperature:  # a sender that knows no logprobs: none are asked for
+            object.__setattr__(self, "logprobs", [None] * len(self.temperature))
 
     def select(self, rows: list[int]) -> "BatchSampling":
         return BatchSampling(*([column[i] for i in rows] for column in self.columns()))
 
     def columns(self) -> tuple[list, ...]:
-        return (self.temperature, self.top_k, self.top_p, self.seed, self.step)
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.step, self.logprobs)
 
 
 def _check_columns(msg: object, names: tuple[str, ...]) -> None:
@@ -241,6 +265,10 @@ class BatchResult:
     error: str  # "" on success; a failure of the stage loop on this batch otherwise (jobs then fail)
     failed_job_ids: list[int] = field(default_factory=list)  # jobs whose sampling failed (token -1): they alone end
     failure: str = ""  # why the failed jobs' sampling failed
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per job (None: not asked); [] = none asked
+
+    def logprobs_of(self, row: int) -> TokenLogprobs | None:
+        return self.logprobs[row] if self.logprobs else None
 
 
 @message(MsgType.SWAP_DONE)

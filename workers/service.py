@@ -21,6 +21,7 @@ from common.codec import DecodeError
 from common.log import get_logger
 from common.messages import BatchResult, Ready, StageBatch, SwapDone
 from workers.model.batch import StepInput
+from workers.model.logprobs import token_logprobs
 from workers.model.runner import StageRunner
 from workers.model.sampling import SamplingParams, sample_rows
 
@@ -122,13 +123,14 @@ class StageWorker:
         self.log.debug("batch_received", batch_id=msg.batch_id, jobs=len(msg.job_ids), swaps_out=len(msg.swap_out),
                        swaps_in=len(msg.swap_in), t=time.time())
         self.submit_swaps(msg)
-        hidden, tokens, compute_s, error, failed = None, [], msg.compute_s, "", {}
+        hidden, tokens, compute_s, error, failed, logprobs = None, [], msg.compute_s, "", {}, []
         if msg.job_ids:
             try:
                 out, seconds = self.compute(msg)
                 compute_s += seconds
                 if self.runner.is_last:
                     tokens, failed = self.sample(msg, out)
+                    logprobs = token_logprobs(out, tokens, msg.sampling.logprobs)
                 else:
                     hidden = to_wire(out)
             except Exception as e:  # a bad batch fails its jobs, never the loop
@@ -139,7 +141,7 @@ class StageWorker:
             if failed:
                 self.log.error("sampling_failed", batch_id=msg.batch_id, job_ids=failed_ids, error=next(iter(failed.values())))
             result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error, failed_ids,
-                                 next(iter(failed.values()), ""))
+                                 next(iter(failed.values()), ""), [] if error else logprobs)
             await sockets.send(self.send_to_scheduler, result)
             self.log.debug("batch_done", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
             if error and self.send_next is not None:  # later stages still run this batch's swaps

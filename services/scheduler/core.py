@@ -148,7 +148,7 @@ class SchedulerCore:
             inputs.extend(entry.tokens[job.num_computed : job.num_computed + n])
             params = entry.sampling
             for column, value in zip(sampling.columns(), (params.temperature, params.top_k, params.top_p,
-                                                          params.seed, job.num_generated)):
+                                                          params.seed, job.num_generated, params.logprobs)):
                 column.append(value)
             self.busy.add(job.job_id)
             job.status = JobStatus.RUNNING
@@ -257,11 +257,12 @@ class SchedulerCore:
         iteration_s = msg.compute_s if msg.compute_s > 0 else now - flight.sent_s
         if ran:
             self.policy.update(ran, iteration_s, now)
-        for job_id, token in zip(msg.job_ids, msg.token_ids):
+        for row, (job_id, token) in enumerate(zip(msg.job_ids, msg.token_ids)):
             entry = self.entries.get(job_id)
             if entry is None:
                 continue  # cancelled while in flight, or its sampling failed
-            events.append(self._advance(entry, flight.new_tokens.get(job_id, 0), token, now))
+            event = self._advance(entry, flight.new_tokens.get(job_id, 0), token, now)
+            events.append(event.with_logprobs(msg.logprobs_of(row)))
         self._release_ended(flight)
         # A finished job frees memory: held jobs may fit now. An iteration that ran nothing while no
         # other batch or copy is pending cannot be followed by any memory event, so retry then too.
