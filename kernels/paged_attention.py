@@ -4,7 +4,8 @@ Pool layout: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim] (co
 A "chunk" is the [block_size, head_dim] slab of one (block, layer, K|V, kv head); gathering a job's
 chunks in table order yields its K as [kv_heads, tokens, head_dim], already contiguous in the layout
 attention wants, so the gather is the only copy. All addressing is precomputed once per step
-(AttnMeta) as flat chunk/row indices; each layer adds its own offset. No Python loop over tokens.
+(AttnMeta) as flat chunk/row indices, packed into one buffer that goes to the device in one non-blocking
+copy; each layer adds its own offset. No Python loop over tokens.
 """
 
 from __future__ import annotations
@@ -35,11 +36,36 @@ class AttnMeta:
     decode_mask: torch.Tensor | int | None  # [D, 1, 1, blocks * block_size] bool, True where attended;
     # an int when every decode job attends the same number of tokens (then K/V are sliced, no mask)
     prefills: tuple[PrefillSpan, ...]  # jobs with more than one new token, attended one by one
+    last_rows: torch.Tensor  # [num_jobs] int64, row of each job's last new token (the one the last stage samples)
+    token_ids: torch.Tensor | None  # [T] int64 on the device, when the step's tokens were packed along
+    buffer: torch.Tensor  # the one int64 device buffer every tensor above is a view of (the mask is computed from it)
+    query_lens: tuple[int, ...]  # the step's shape on the host, for backends that plan on the host
+    context_lens: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+
+
+def pack(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Every int64 part in one host buffer (page-locked for CUDA) sent with one non-blocking copy; views by name.
+
+    One pinned copy instead of a pageable blocking copy per tensor: the host queues the step and goes on,
+    and the caching host allocator keeps the buffer until the copy has read it.
+    """
+    flat = [t.reshape(-1).to(torch.long) for t in parts.values()]
+    host = torch.empty(sum(t.numel() for t in flat), dtype=torch.long, pin_memory=device.type == "cuda")
+    torch.cat(flat, out=host)
+    buffer = host.to(device, non_blocking=True)
+    views, at = {}, 0
+    for name, t in parts.items():
+        views[name] = buffer[at:at + t.numel()].view(t.shape)
+        at += t.numel()
+    return buffer, views
 
 
 def build_meta(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-               block_size: int, num_layers: int, num_kv_heads: int, device: torch.device) -> AttnMeta:
-    """Addressing for one step; the pool holds num_layers layers per block."""
+               block_size: int, num_layers: int, num_kv_heads: int, device: torch.device,
+               token_ids: torch.Tensor | None = None) -> AttnMeta:
+    """Addressing for one step; the pool holds num_layers layers per block. token_ids [T] ride along if given."""
+    device = torch.device(device)
     n = len(query_lens)
     width = max(len(t) for t in block_tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
@@ -52,31 +78,42 @@ def build_meta(query_lens: list[int], context_lens: list[int], block_tables: lis
     pos = torch.arange(int(qlens.sum())) - starts[job] + ctx[job]
     chunk = table[job, pos // block_size][:, None] * block_chunks + heads[None, :]
     rows = (chunk * block_size + (pos % block_size)[:, None]).reshape(-1)
+    parts = {"positions": pos, "rows": rows, "last_rows": starts + qlens - 1}
+    if token_ids is not None:
+        parts["token_ids"] = token_ids
 
     def chunks_of(tables: torch.Tensor) -> torch.Tensor:  # [..., blocks] -> [..., kv_heads, blocks]
         return tables.unsqueeze(-2) * block_chunks + heads[:, None]
 
     decode = [i for i in range(n) if query_lens[i] == 1]
-    decode_rows = decode_chunks = decode_mask = None
+    decode_mask, used = None, 0
     if decode:
         d = torch.tensor(decode, dtype=torch.long)
         total = ctx[d] + 1
         used = int(-(-total.max() // block_size))
-        decode_chunks = chunks_of(table[d, :used]).to(device)
+        parts["decode_chunks"] = chunks_of(table[d, :used])
+        parts["decode_rows"] = starts[d]
         if bool((total == total[0]).all()):  # equal lengths (the benchmark case): slice instead of masking
             decode_mask = int(total[0])
         else:
-            decode_mask = (torch.arange(used * block_size)[None, :] < total[:, None])[:, None, None, :].to(device)
-        decode_rows = starts[d].to(device)
-    prefills = []
+            parts["decode_lens"] = total
+    spans = []
     for i in range(n):
         if query_lens[i] == 1:
             continue
         c, q = context_lens[i], query_lens[i]
-        span = chunks_of(table[i, :-(-(c + q) // block_size)]).to(device) if c else None
-        prefills.append(PrefillSpan(int(starts[i]), q, c, span))
-    return AttnMeta(pos.to(device), rows.to(device), 2 * num_kv_heads, num_kv_heads, block_size,
-                    decode_rows, decode_chunks, decode_mask, tuple(prefills))
+        if c:
+            parts[f"prefill{i}"] = chunks_of(table[i, :-(-(c + q) // block_size)])
+        spans.append((i, int(starts[i]), q, c))
+    buffer, dev = pack(parts, device)
+    if "decode_lens" in dev:  # built on the device from the lengths: no mask crosses the bus
+        keys = torch.arange(used * block_size, device=device)
+        decode_mask = (keys[None, :] < dev["decode_lens"][:, None])[:, None, None, :]
+    prefills = tuple(PrefillSpan(start, q, c, dev.get(f"prefill{i}")) for i, start, q, c in spans)
+    return AttnMeta(dev["positions"], dev["rows"], 2 * num_kv_heads, num_kv_heads, block_size,
+                    dev.get("decode_rows"), dev.get("decode_chunks"), decode_mask, prefills, dev["last_rows"],
+                    dev.get("token_ids"), buffer, tuple(query_lens), tuple(context_lens),
+                    tuple(tuple(t) for t in block_tables))
 
 
 def store_kv(pool: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> None:

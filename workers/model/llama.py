@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import AttnMeta, paged_attention, store_kv
+from kernels.attention import AttentionBackend, ReferenceAttention
+from kernels.paged_attention import AttnMeta, store_kv
 from common.model.spec import ModelSpec
 from workers.model.weights import Weights
 
@@ -50,11 +51,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LlamaStage:
     """Layers [lo, hi); embeddings on the first stage, final norm and LM head on the last."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, device: torch.device,
+                 attention: AttentionBackend | None = None) -> None:
         self.spec, self.w, self.lo, self.hi = spec, weights, lo, hi
+        self.attention = attention or ReferenceAttention(spec.head_dim ** -0.5)
         dtype = next(iter(weights.values())).dtype
         self.cos, self.sin = rope_tables(spec, device, dtype)
-        self.scale = spec.head_dim ** -0.5
 
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.w["embed"])
@@ -74,7 +76,7 @@ class LlamaStage:
         k = _rotate(k.view(t, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.view(t, s.num_kv_heads, s.head_dim)
         store_kv(pool, i - self.lo, k, v, meta)
-        attn = paged_attention(pool, i - self.lo, q, k, v, meta, self.scale)
+        attn = self.attention.attend(pool, i - self.lo, q, k, v, meta)
         h = h + F.linear(attn, w[p + "o"], w.get(p + "o_bias"))
         x = rms_norm(h, w[p + "post_norm"], s.norm_eps)
         gate, up = F.linear(x, w[p + "gate_up"], w.get(p + "gate_up_bias")).chunk(2, dim=-1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import AttnMeta, paged_attention, store_kv
+from kernels.attention import AttentionBackend, ReferenceAttention
+from kernels.paged_attention import AttnMeta, store_kv
 from common.model.spec import ModelSpec
 from workers.model.weights import Weights
 
@@ -13,9 +14,10 @@ from workers.model.weights import Weights
 class OPTStage:
     """Layers [lo, hi); token and position embeddings on the first stage, final norm and LM head on the last."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, device: torch.device,
+                 attention: AttentionBackend | None = None) -> None:
         self.spec, self.w, self.lo, self.hi = spec, weights, lo, hi
-        self.scale = spec.head_dim ** -0.5
+        self.attention = attention or ReferenceAttention(spec.head_dim ** -0.5)
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.w[name], self.w[name + "_bias"], self.spec.norm_eps)
@@ -39,7 +41,7 @@ class OPTStage:
         k = k.view(t, s.num_kv_heads, s.head_dim)
         v = v.view(t, s.num_kv_heads, s.head_dim)
         store_kv(pool, i - self.lo, k, v, meta)
-        h = h + F.linear(paged_attention(pool, i - self.lo, q, k, v, meta, self.scale), w[p + "o"], w.get(p + "o_bias"))
+        h = h + F.linear(self.attention.attend(pool, i - self.lo, q, k, v, meta), w[p + "o"], w.get(p + "o_bias"))
         if not s.pre_norm:
             h = self._norm(h, p + "attn_norm")
         x = self._norm(h, p + "mlp_norm") if s.pre_norm else h

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from kernels.attention import make_attention
 from kernels.paged_attention import build_meta
 from workers.model.batch import StepInput
 from common.model.layout import block_shape, stage_layers
@@ -15,15 +16,31 @@ from common.model.spec import ModelError, ModelSpec, load_spec
 from workers.model.weights import Weights, load_weights, torch_dtype
 
 
-def resolve_device(device: str, stage: int) -> torch.device:
-    """"cpu", or "cuda" meaning cuda:stage (one GPU per stage)."""
+def cuda_unusable() -> str:
+    """Why torch cannot use a GPU here, in one line ("" when it can)."""
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build; `make gpu` installs the CUDA build for this "
+                "machine's driver")
+    if not torch.cuda.is_available():
+        return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU: no NVIDIA driver, or one "
+                f"too old for CUDA {torch.version.cuda} (CUDA 13 needs driver >= 580); `make gpu` picks the torch "
+                "build for the driver")
+    return ""
+
+
+def resolve_device(device: str, stage: int, devices: tuple[str, ...] = ()) -> torch.device:
+    """"cpu", or the GPU of `stage`: devices[stage] when given, else stage modulo the visible GPUs."""
     if device == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ModelError("model.device is 'cuda' but CUDA is not available here; use model.device=cpu")
-    if stage >= torch.cuda.device_count():
-        raise ModelError(f"stage {stage} needs cuda:{stage} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return torch.device("cuda", stage)
+    why = cuda_unusable()
+    if why:
+        raise ModelError(f"model.device is 'cuda' but {why}; or use model.device=cpu")
+    count = torch.cuda.device_count()
+    index = int(devices[stage]) if devices else stage % count
+    if index >= count:
+        raise ModelError(f"parallel.devices puts stage {stage} on cuda:{index} but only {count} GPU(s) are visible; "
+                         f"use indices below {count}")
+    return torch.device("cuda", index)
 
 
 def with_context_limit(spec: ModelSpec, max_context: int) -> ModelSpec:
@@ -39,7 +56,7 @@ class StageRunner:
     """Layers [lo, hi) of a model with a KV pool [num_blocks, *block_shape]; forward() runs one step."""
 
     def __init__(self, spec: ModelSpec, weights: Weights, lo: int, hi: int, num_blocks: int, block_size: int,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", attention: str = "auto") -> None:
         self.spec, self.lo, self.hi = spec, lo, hi
         self.is_first, self.is_last = lo == 0, hi == spec.num_layers
         self.device, self.dtype = torch.device(device), torch_dtype(dtype)
@@ -47,19 +64,23 @@ class StageRunner:
         shape = block_shape(spec, lo, hi, block_size)
         if num_blocks <= 0:
             raise ModelError(f"num_blocks must be > 0, not {num_blocks}")
-        w = {k: v.to(self.device, self.dtype) for k, v in weights.items()}
+        moved: dict[int, torch.Tensor] = {}  # tied embeddings (embed is lm_head) are copied once
+        w = {k: moved.setdefault(id(v), v.to(self.device, self.dtype)) for k, v in weights.items()}
+        self.attention, self.attention_fallback = make_attention(
+            attention, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim, block_size, self.dtype)
         family = LlamaStage if spec.family == "llama" else OPTStage
-        self.model = family(spec, w, lo, hi, self.device)
+        self.model = family(spec, w, lo, hi, self.device, self.attention)
         self.kv = torch.zeros(num_blocks, *shape, dtype=self.dtype, device=self.device)
 
     @classmethod
     def build(cls, path: str, lo: int = 0, hi: int | None = None, num_blocks: int = 256, block_size: int = 16,
-              device: str = "cpu", dtype: str = "float32", seed: int = 0, max_context: int = 0) -> "StageRunner":
+              device: str = "cpu", dtype: str = "float32", seed: int = 0, max_context: int = 0,
+              attention: str = "auto") -> "StageRunner":
         """A stage of the model at `path` ("default" or a HF directory), loading only its layers' weights."""
         spec = with_context_limit(load_spec(path), max_context)
         hi = spec.num_layers if hi is None else hi
         block_shape(spec, lo, hi, block_size)  # validates the range before reading weights
-        return cls(spec, load_weights(path, spec, lo, hi, seed), lo, hi, num_blocks, block_size, device, dtype)
+        return cls(spec, load_weights(path, spec, lo, hi, seed), lo, hi, num_blocks, block_size, device, dtype, attention)
 
     @classmethod
     def from_config(cls, config, stage: int) -> "StageRunner":
@@ -70,8 +91,9 @@ class StageRunner:
         if not 0 <= stage < len(ranges):
             raise ModelError(f"stage {stage} does not exist; parallel.num_stages is {len(ranges)}")
         lo, hi = ranges[stage]
-        device = resolve_device(m.device, stage)
-        return cls.build(m.path, lo, hi, c.num_gpu_blocks, c.block_size, str(device), m.dtype, m.seed, m.max_context)
+        device = resolve_device(m.device, stage, config.parallel.devices)
+        return cls.build(m.path, lo, hi, c.num_gpu_blocks, c.block_size, str(device), m.dtype, m.seed, m.max_context,
+                         m.attention)
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -80,16 +102,18 @@ class StageRunner:
         for q, c in zip(step.query_lens, step.context_lens):
             if q + c > self.spec.max_context:
                 raise ModelError(f"{q + c} tokens exceed the model's context of {self.spec.max_context}")
+        # one pinned buffer, one non-blocking copy: the step's addressing and (first stage) its tokens
         meta = build_meta(step.query_lens, step.context_lens, step.block_tables, self.block_size,
-                          self.hi - self.lo, self.spec.num_kv_heads, self.device)
+                          self.hi - self.lo, self.spec.num_kv_heads, self.device,
+                          token_ids=step.token_ids if self.is_first else None)
         if self.is_first:
-            h = self.model.embed(step.token_ids.to(self.device), meta.positions)
+            h = self.model.embed(meta.token_ids, meta.positions)
         else:
-            h = step.hidden.to(self.device, self.dtype)
+            h = step.hidden.to(self.device, self.dtype, non_blocking=step.hidden.is_pinned())
+        self.attention.plan(meta)
         extra = self.model.prepare(meta)
         for i in range(self.lo, self.hi):
             h = self.model.layer(i, h, self.kv, meta, extra)
         if not self.is_last:
             return h
-        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
-        return self.model.head(h.index_select(0, last))
+        return self.model.head(h.index_select(0, meta.last_rows))
