@@ -7,11 +7,12 @@ import itertools
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from common import codec, sockets
 from common.protocol import (
+    HEARTBEAT_S,
     PROTOCOL_VERSION,
     SERVER_EVENTS,
     Cancel,
@@ -19,8 +20,10 @@ from common.protocol import (
     ErrorEvent,
     FinishEvent,
     Generate,
+    Heartbeat,
     StatsQuery,
     TokenEvent,
+    TokenLogprobs,
 )
 
 
@@ -91,6 +94,7 @@ class Result:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry when asked
 
 
 class AsyncClient:
@@ -98,15 +102,20 @@ class AsyncClient:
 
     Every request gets a client-chosen id (unique per connection), so replies are matched without
     ordering assumptions. `timeout` (seconds) bounds each call from send to its last event; on expiry the
-    request is cancelled on the server and RequestTimeout is raised.
+    request is cancelled on the server and RequestTimeout is raised. While requests are open, a Heartbeat
+    goes out every `heartbeat_s` seconds: the server cancels the requests of a client it has not heard
+    from for its lease (docs/PROTOCOL.md), so those of a process that dies end soon after.
     """
 
-    def __init__(self, address: str, timeout: float = 60.0, ctx: Any | None = None) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, ctx: Any | None = None,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         self.address = address
         self.timeout = timeout
+        self.heartbeat_s = heartbeat_s
         self._ctx = ctx
         self._sock: Any = None
         self._reader: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
@@ -123,14 +132,15 @@ class AsyncClient:
         async for event in self._events(prompt, params):
             if isinstance(event, FinishEvent):
                 return Result(event.request_id, event.token_ids, event.text, event.finish_reason,
-                              event.prompt_tokens, event.completion_tokens)
+                              event.prompt_tokens, event.completion_tokens, event.logprobs)
         raise InternalError("the request ended without a finish event")
 
     def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Yield TokenEvents as tokens arrive, then the FinishEvent; errors are raised.
 
         Parameters as in `Generate`: prompt_ids, max_tokens, temperature, top_k, top_p, seed,
-        stop_token_ids, ignore_eos, request_id, plus timeout (seconds). Leaving the loop early cancels.
+        stop_token_ids, stop, ignore_eos, logprobs, request_id, plus timeout (seconds). Leaving the loop
+        early cancels.
         """
         params["stream"] = True
         return self._events(prompt, params)
@@ -167,10 +177,11 @@ class AsyncClient:
             delay = min(delay * 2, 0.5)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        for task in (self._reader, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._reader = self._heartbeat = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -218,6 +229,7 @@ class AsyncClient:
         if self._sock is None:
             self._sock = sockets.connect_dealer(self._ctx or sockets.context(), self.address)
             self._reader = asyncio.create_task(self._read())
+            self._heartbeat = asyncio.create_task(self._renew_lease())
 
     async def _read(self) -> None:
         try:
@@ -234,6 +246,19 @@ class AsyncClient:
             for queue in self._queues.values():
                 queue.put_nowait(InternalError(f"connection failed: {e}"))
 
+    async def _renew_lease(self) -> None:
+        """A Heartbeat every heartbeat_s while requests are open (a timer, not a handshake: nothing answers)."""
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                if self._queues:
+                    await sockets.send(self._sock, Heartbeat())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the socket broke: waiting requests learn why, as from the reader
+            for queue in self._queues.values():
+                queue.put_nowait(InternalError(f"connection failed: {e}"))
+
     def _new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
@@ -244,11 +269,11 @@ class AsyncClient:
 class Client:
     """Blocking client: an AsyncClient driven by its own event loop thread."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, heartbeat_s: float = HEARTBEAT_S) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fastserve-client", daemon=True)
         self._thread.start()
-        self._client = AsyncClient(address, timeout)
+        self._client = AsyncClient(address, timeout, heartbeat_s=heartbeat_s)
 
     def __enter__(self) -> "Client":
         return self

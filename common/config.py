@@ -178,6 +178,20 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class IngressConfig:
+    """Ingress, the stack's client-facing process (services/ingress/, docs/PROTOCOL.md)."""
+
+    default_max_tokens: int = 256  # a Generate without max_tokens gets min(this, the context its prompt leaves)
+    client_lease_s: float = 10.0  # a client with live requests that sends nothing this long has them cancelled; 0 = never
+
+    def validate(self) -> None:
+        if self.default_max_tokens <= 0:
+            raise ConfigError("ingress.default_max_tokens must be > 0")
+        if self.client_lease_s < 0:
+            raise ConfigError("ingress.client_lease_s must be >= 0 (0 = clients never time out)")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -185,9 +199,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     endpoints: Endpoints = field(default_factory=Endpoints)
     http: HttpConfig = field(default_factory=HttpConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints, self.http):
+        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints, self.http, self.ingress):
             section.validate()
         if self.endpoints.stages and len(self.endpoints.stages) != self.parallel.num_stages:
             raise ConfigError(

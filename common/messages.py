@@ -19,6 +19,7 @@ class MsgType(IntEnum):
     GENERATE = 1
     CANCEL = 2
     STATS_QUERY = 3
+    HEARTBEAT = 4
     TOKEN_EVENT = 8
     FINISH_EVENT = 9
     ERROR_EVENT = 10

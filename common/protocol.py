@@ -7,12 +7,17 @@ from enum import StrEnum
 from typing import Annotated
 
 from common.codec import MaxLen, OneOf, Range, message
-from common.messages import MsgType
+from common.messages import Logprobs, MsgType, TokenLogprobs
 
-PROTOCOL_VERSION = 1  # bumped on any incompatible change; a mismatch is answered with unsupported_version
+PROTOCOL_VERSION = 2  # bumped on any incompatible change; a mismatch is answered with unsupported_version
 MAX_REQUEST_ID_LEN = 128  # characters
 MAX_PROMPT_CHARS = 1 << 22  # characters of prompt text
 MAX_PROMPT_IDS = 1 << 20  # token ids
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string (each is held back up to that long while streaming)
+DEFAULT_MAX_TOKENS = 256  # max_tokens of a request that leaves it out, capped by the context its prompt leaves
+CLIENT_LEASE_S = 10.0  # default: a client with live requests that sends nothing for this long has them cancelled
+HEARTBEAT_S = 2.0  # how often the client library sends a Heartbeat while it has live requests
 
 
 class ErrorCode(StrEnum):
@@ -38,7 +43,7 @@ class Generate:
     """Client -> ingress: start a request. Give exactly one of prompt and prompt_ids."""
 
     version: int  # must equal PROTOCOL_VERSION
-    max_tokens: Annotated[int, Range(1)]  # output tokens at most
+    max_tokens: Annotated[int, Range(1)] | None = None  # output tokens at most; None = DEFAULT_MAX_TOKENS or the context left
     request_id: RequestId = ""  # client-chosen, unique among the client's live requests; "" = ingress assigns
     prompt: Annotated[str, MaxLen(MAX_PROMPT_CHARS)] | None = None  # text, tokenized by the ingress
     prompt_ids: Annotated[list[int], MaxLen(MAX_PROMPT_IDS)] | None = None  # token ids, used as given
@@ -49,6 +54,9 @@ class Generate:
     stop_token_ids: Annotated[list[int], MaxLen(1024)] = field(default_factory=list)  # stop on any of these
     ignore_eos: bool = False  # keep generating past the model's EOS tokens
     stream: bool = True  # true: TokenEvents as tokens arrive; false: one FinishEvent with everything
+    stop: Annotated[list[Annotated[str, MaxLen(MAX_STOP_CHARS)]], MaxLen(MAX_STOPS)] = field(default_factory=list)
+    # stop strings, matched on the output text: the first one ends the request with "stop" and is never sent
+    logprobs: Logprobs = None  # per output token: its logprob and the k most likely alternatives (k <= 5)
 
 
 @message(MsgType.CANCEL)
@@ -57,6 +65,12 @@ class Cancel:
     """Client -> ingress: end a live request; it ends with ErrorEvent code "cancelled"."""
 
     request_id: RequestId  # the request to cancel; unknown or finished ids are ignored
+
+
+@message(MsgType.HEARTBEAT)
+@dataclass(frozen=True)
+class Heartbeat:
+    """Client -> ingress: renews the connection's lease; any client message does as much. No reply."""
 
 
 @message(MsgType.STATS_QUERY)
@@ -75,6 +89,7 @@ class TokenEvent:
     request_id: str  # the request this belongs to
     token_ids: list[int]  # tokens generated since the last event, in order
     text: str  # text delta: complete characters only; bytes of a split character wait for later tokens
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry when asked, else []
 
 
 @message(MsgType.FINISH_EVENT)
@@ -88,6 +103,7 @@ class FinishEvent:
     text: str  # text not sent in a TokenEvent (all of it when stream is false)
     prompt_tokens: Annotated[int, Range(0)]  # tokens in the prompt
     completion_tokens: Annotated[int, Range(0)]  # tokens generated in all
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry when asked, else []
 
 
 @message(MsgType.ERROR_EVENT)
@@ -109,5 +125,5 @@ class StatsReply:
     values: dict[str, int | float]  # counter name -> value
 
 
-CLIENT_MESSAGES = (Generate, Cancel, StatsQuery)
+CLIENT_MESSAGES = (Generate, Cancel, StatsQuery, Heartbeat)
 SERVER_EVENTS = (TokenEvent, FinishEvent, ErrorEvent, StatsReply)

@@ -1,4 +1,4 @@
-"""Stop strings on detokenized text (pure): what may be shown now, and whether a stop string was reached."""
+"""Stop strings on detokenized text (pure), for ingress: what may be shown now, and whether one was reached."""
 
 from __future__ import annotations
 

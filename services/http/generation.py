@@ -12,7 +12,7 @@ from common.client import AsyncClient, FastServeError
 from common.protocol import FinishEvent
 from services.http.front import Plan
 from services.http.metrics import Metrics
-from services.http.stops import StopMatcher
+from common.stops import StopMatcher
 
 
 class Generation:

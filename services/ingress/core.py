@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.codec import DecodeError, peek
-from common.messages import CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob
+from common.messages import CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob, TokenLogprobs
 from common.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -14,12 +14,14 @@ from common.protocol import (
     ErrorEvent,
     FinishEvent,
     Generate,
+    Heartbeat,
     StatsQuery,
     StatsReply,
     TokenEvent,
 )
 from services.ingress.detok import IncrementalDetokenizer
-from services.ingress.validate import Limits, Rejected, Tokenizer, check, prompt_ids
+from common.stops import StopMatcher
+from services.ingress.validate import Limits, Rejected, Tokenizer, check, output_limit, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,12 @@ class _Request:
     stream: bool
     prompt_tokens: int
     detok: IncrementalDetokenizer | None
+    stops: StopMatcher | None  # None: the request has no stop strings
     token_ids: list[int] = field(default_factory=list)  # generated, not yet sent to the client
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of token_ids, when the request asked
     completion_tokens: int = 0
-    text: str = ""  # decoded, not yet sent to the client
-    cancelled: bool = False  # the client was told; waiting for the scheduler's final event
+    text: str = ""  # decoded, past the stop strings, not yet sent to the client
+    cancelled: bool = False  # the client has its final event (cancel or stop string); the scheduler's is awaited
 
 
 _ERROR_CODES = {c.value for c in ErrorCode}
@@ -79,6 +83,8 @@ class IngressCore:
             return self._cancel(identity, msg.request_id)
         if isinstance(msg, StatsQuery):
             return self._stats_query(identity, msg.request_id)
+        if isinstance(msg, Heartbeat):
+            return []  # it renewed the lease (the shell's), nothing more
         return [self._reject(identity, "", ErrorCode.INVALID_REQUEST, f"{type(msg).__name__} is not a request")]
 
     def _generate(self, identity: bytes, req: Generate) -> list[Any]:
@@ -92,20 +98,24 @@ class IngressCore:
                                  f"request id {request_id!r} is already live on this connection")]
         try:
             ids = prompt_ids(req, self.tokenizer, self.limits)
-            check(req, len(ids), self.limits)
+            max_tokens = output_limit(req, len(ids), self.limits)
+            check(req, len(ids), max_tokens, self.limits)
+            if req.stop and self.tokenizer is None:
+                raise Rejected(ErrorCode.INVALID_REQUEST, "this model has no tokenizer: stop strings cannot be matched")
             self._admit()
         except Rejected as e:
             return [self._reject(identity, request_id, e.code, e.message)]
         job_id = self._next_job
         self._next_job += 1
         detok = IncrementalDetokenizer(self.tokenizer.decode) if self.tokenizer is not None else None
-        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), detok)
+        stops = StopMatcher(req.stop) if req.stop else None
+        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), detok, stops)
         self.live[(identity, request_id)] = job_id
         self.counters["requests_accepted"] += 1
         submit = SubmitJob(
-            job_id=job_id, prompt_ids=ids, max_tokens=req.max_tokens, temperature=req.temperature,
+            job_id=job_id, prompt_ids=ids, max_tokens=max_tokens, temperature=req.temperature,
             top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop_token_ids=list(req.stop_token_ids),
-            ignore_eos=req.ignore_eos,
+            ignore_eos=req.ignore_eos, logprobs=req.logprobs,
         )
         return [ToScheduler(submit)]
 
@@ -141,6 +151,10 @@ class IngressCore:
                 self.jobs[job_id].cancelled = True
                 out += [ToClient(identity, ErrorEvent(request_id, ErrorCode.CANCELLED, why)), ToScheduler(CancelJob(job_id))]
         return out
+
+    def has_live(self, identity: bytes) -> bool:
+        """Whether this client has a request that has not had its final event."""
+        return any(client == identity for client, _ in self.live)
 
     def _stats_query(self, identity: bytes, request_id: str) -> list[Any]:
         if not self.ready:
@@ -180,30 +194,50 @@ class IngressCore:
             del self.jobs[ev.job_id]
         if req.cancelled:
             return []
-        req.token_ids.extend(ev.token_ids)
-        req.completion_tokens += len(ev.token_ids)
-        if req.detok is not None and ev.token_ids:
-            req.text += req.detok.add(ev.token_ids)
+        ended = ev.finish_reason in ("stop", "length")
+        self._take(req, ev.token_ids, ev.logprobs, ended)
+        if req.stops is not None and req.stops.stopped:  # a stop string: the job's further tokens are not wanted
+            return self._finish(req, "stop") + ([] if ev.finish_reason else [ToScheduler(CancelJob(ev.job_id))])
         if not ev.finish_reason:
             return self._stream_out(req) if req.stream else []
+        if ended:
+            return self._finish(req, ev.finish_reason)
         self.live.pop((req.identity, req.request_id), None)
         self.counters["requests_finished"] += 1
-        if ev.finish_reason in ("stop", "length"):
-            if req.detok is not None:
-                req.text += req.detok.flush()
-            finish = FinishEvent(req.request_id, ev.finish_reason, req.token_ids, req.text, req.prompt_tokens,
-                                 req.completion_tokens)
-            return [ToClient(req.identity, finish)]
         if ev.finish_reason == "cancelled":
             return [ToClient(req.identity, ErrorEvent(req.request_id, ErrorCode.CANCELLED, "cancelled by the stack"))]
         code = ev.error_code if ev.error_code in _ERROR_CODES else ErrorCode.INTERNAL
         return [ToClient(req.identity, ErrorEvent(req.request_id, code, ev.error_message or "the job failed"))]
 
+    @staticmethod
+    def _take(req: _Request, token_ids: list[int], logprobs: list[TokenLogprobs], ended: bool) -> None:
+        """Add a job event's tokens and their text; the text stops before the first stop string."""
+        req.token_ids.extend(token_ids)
+        req.logprobs.extend(logprobs)
+        req.completion_tokens += len(token_ids)
+        if req.detok is None:
+            return
+        text = req.detok.add(token_ids) if token_ids else ""
+        if ended:
+            text += req.detok.flush()
+        if req.stops is not None:
+            text = req.stops.feed(text) + (req.stops.flush() if ended else "")
+        req.text += text
+
+    def _finish(self, req: _Request, reason: str) -> list[Any]:
+        """The request's FinishEvent; the job stays counted until the scheduler's final event."""
+        req.cancelled = True
+        self.live.pop((req.identity, req.request_id), None)
+        self.counters["requests_finished"] += 1
+        finish = FinishEvent(req.request_id, reason, req.token_ids, req.text, req.prompt_tokens, req.completion_tokens,
+                             req.logprobs)
+        return [ToClient(req.identity, finish)]
+
     def _stream_out(self, req: _Request) -> list[Any]:
         if not req.token_ids:
             return []
-        event = TokenEvent(req.request_id, req.token_ids, req.text)
-        req.token_ids, req.text = [], ""
+        event = TokenEvent(req.request_id, req.token_ids, req.text, req.logprobs)
+        req.token_ids, req.text, req.logprobs = [], "", []
         return [ToClient(req.identity, event)]
 
     def _stats(self, msg: Stats) -> list[Any]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from common import sockets
 from common.log import get_logger
 from common.messages import Exit, JobEvent, JobEvents, Ready, Stats
-from common.protocol import CLIENT_MESSAGES
+from common.protocol import CLIENT_LEASE_S, CLIENT_MESSAGES
 from services.ingress.core import IngressCore, ToClient, ToScheduler
+from services.ingress.leases import Leases
 from services.ingress.outbox import ClientOutbox
 from services.ingress.validate import Limits
 
@@ -31,9 +33,11 @@ class Ingress:
         send_to_control: Any | None = None,
         stats_timeout_s: float = STATS_TIMEOUT_S,
         client_stall_s: float = CLIENT_STALL_S,
+        client_lease_s: float = CLIENT_LEASE_S,
     ) -> None:
         self.core = core
         self.from_clients = from_clients
+        self.leases = Leases(client_lease_s) if client_lease_s > 0 else None  # 0 = clients are never timed out
         self.lost: list[tuple[bytes, str]] = []  # clients gone or not reading, for the flush loop to cancel
         self.outbox = ClientOutbox(from_clients, client_stall_s, lambda identity, why: self.lost.append((identity, why)))
         self.recv_from_scheduler = recv_from_scheduler
@@ -59,6 +63,7 @@ class Ingress:
             recv_from_scheduler=sockets.bind_inbox(ctx, ep.ingress, ep.bind_any),
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
+            client_lease_s=config.ingress.client_lease_s,
         )
 
     async def run(self) -> None:
@@ -80,6 +85,8 @@ class Ingress:
     async def _client_loop(self) -> None:
         while True:
             identity, msg, frames = await sockets.recv_routed(self.from_clients, CLIENT_MESSAGES)
+            if self.leases is not None:
+                self.leases.heard(identity, time.monotonic())
             if isinstance(msg, Exception):
                 self.log.info("bad_client_message", code=msg.code, error=msg.message)
             await self._send(self.core.on_client(identity, msg, frames))
@@ -101,10 +108,15 @@ class Ingress:
             await self._tell_control(msg)
 
     async def _flush_loop(self) -> None:
-        """Deliver queued client events; cancel the requests of clients that went away or stopped reading."""
+        """Deliver queued client events; cancel the requests of clients that went away, stopped reading,
+        or let their lease expire."""
         while True:
             await asyncio.sleep(FLUSH_S if self.outbox.backlog else 10 * FLUSH_S)
             self.outbox.flush()
+            if self.leases is not None:
+                why = f"the client sent nothing for {self.leases.lease_s:g} s (its lease expired)"
+                self.lost += [(identity, why) for identity in self.leases.expired(time.monotonic())
+                              if self.core.has_live(identity)]
             while self.lost:
                 identity, why = self.lost.pop(0)
                 self.log.warning("client_lost", client=identity.hex(), reason=why)

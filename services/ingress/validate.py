@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common.protocol import ErrorCode, Generate
+from common.protocol import DEFAULT_MAX_TOKENS, ErrorCode, Generate
 
 
 class Tokenizer(Protocol):
@@ -24,6 +24,7 @@ class Limits:
     block_size: int  # tokens per KV block
     num_gpu_blocks: int  # blocks in the device KV pool (per stage)
     max_jobs_in_system: int  # accepted, unfinished jobs at most
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # a request without max_tokens gets min(this, the context left)
 
     @property
     def max_message_bytes(self) -> int:
@@ -41,6 +42,7 @@ class Limits:
             block_size=config.cache.block_size,
             num_gpu_blocks=config.cache.num_gpu_blocks,
             max_jobs_in_system=config.scheduler.max_jobs_in_system,
+            default_max_tokens=config.ingress.default_max_tokens,
         )
 
 
@@ -69,16 +71,29 @@ def prompt_ids(req: Generate, tokenizer: Tokenizer | None, limits: Limits) -> li
     return ids
 
 
-def check(req: Generate, num_prompt: int, limits: Limits) -> None:
+def output_limit(req: Generate, num_prompt: int, limits: Limits) -> int:
+    """The request's max_tokens, or the default: limits.default_max_tokens, capped by the context left."""
+    if req.max_tokens is not None:
+        return req.max_tokens
+    left = limits.max_context - num_prompt
+    if left < 1:
+        raise Rejected(ErrorCode.CONTEXT_TOO_LONG,
+                       f"{num_prompt} prompt tokens leave no room for output in the context of {limits.max_context}")
+    return min(limits.default_max_tokens, left)
+
+
+def check(req: Generate, num_prompt: int, max_tokens: int, limits: Limits) -> None:
     """Raise Rejected unless the sampling fields are sane and the job fits the context and the KV pool."""
     if req.top_p <= 0.0:
         raise Rejected(ErrorCode.INVALID_REQUEST, f"top_p is {req.top_p}; use a value in (0, 1]")
+    if not all(req.stop):
+        raise Rejected(ErrorCode.INVALID_REQUEST, "a stop string is empty; every stop string needs a character")
     _check_vocab("stop_token_ids", req.stop_token_ids, limits.vocab_size)
-    total = num_prompt + req.max_tokens
+    total = num_prompt + max_tokens
     if total > limits.max_context:
         raise Rejected(
             ErrorCode.CONTEXT_TOO_LONG,
-            f"{num_prompt} prompt tokens + max_tokens {req.max_tokens} = {total} exceeds the context of "
+            f"{num_prompt} prompt tokens + max_tokens {max_tokens} = {total} exceeds the context of "
             f"{limits.max_context} tokens",
         )
     blocks = math.ceil(total / limits.block_size)

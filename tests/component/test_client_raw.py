@@ -18,7 +18,7 @@ async def test_raw_dealer_client_streams_a_request():
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(h.address)
     try:
-        request = {"version": 1, "request_id": "r1", "prompt": "Hi €", "max_tokens": 9, "stream": True}
+        request = {"version": 2, "request_id": "r1", "prompt": "Hi €", "max_tokens": 9, "stream": True}
         await sock.send_multipart([bytes([1]), msgpack.packb(request)])
         text, tokens, kinds = "", [], []
         while True:
@@ -43,7 +43,7 @@ async def test_raw_dealer_client_streams_a_request():
         assert kinds.count(8) >= 2 and kinds[-1] == 9
 
         # an error names the request and carries a documented code
-        await sock.send_multipart([bytes([1]), msgpack.packb({"version": 1, "request_id": "r2", "prompt": ""
+        await sock.send_multipart([bytes([1]), msgpack.packb({"version": 2, "request_id": "r2", "prompt": ""
                                                               , "max_tokens": 3})])
         type_byte, payload = await bounded(sock.recv_multipart())
         event = msgpack.unpackb(payload)

@@ -41,7 +41,7 @@ async def bounded(awaitable, timeout: float = WAIT_S):
 class Harness:
     """Ingress under test; `sched_in` receives what it sends the scheduler, `sched_out` feeds it events."""
 
-    def __init__(self, limits: Limits = LIMITS, stats_timeout_s: float = 2.0) -> None:
+    def __init__(self, limits: Limits = LIMITS, stats_timeout_s: float = 2.0, client_lease_s: float = 10.0) -> None:
         self.ctx = zmq.asyncio.Context()
         self.core = IngressCore(limits, ByteTokenizer())
         router = sockets.bind_router(self.ctx, "tcp://127.0.0.1:*")
@@ -49,7 +49,8 @@ class Harness:
         self.sched_in = sockets.bind_inbox(self.ctx, "tcp://127.0.0.1:*")
         self.sched_out = sockets.connect_push(self.ctx, sockets.bound_address(inbox))
         to_sched = sockets.connect_push(self.ctx, sockets.bound_address(self.sched_in))
-        self.ingress = Ingress(self.core, router, inbox, to_sched, stats_timeout_s=stats_timeout_s)
+        self.ingress = Ingress(self.core, router, inbox, to_sched, stats_timeout_s=stats_timeout_s,
+                               client_lease_s=client_lease_s)
         self.address = sockets.bound_address(router)
         self.clients: list = []
         self.task: asyncio.Task | None = None

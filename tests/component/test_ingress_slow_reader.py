@@ -43,7 +43,7 @@ class Setup:
         await sockets.send(self.sched_out, Ready("stack", -1))
         await bounded(self._until(lambda: self.core.ready))
         for k in range(n):
-            await self.client.send_multipart(codec.encode(Generate(version=1, request_id=f"r{k}", prompt_ids=[65, 66], max_tokens=30,
+            await self.client.send_multipart(codec.encode(Generate(version=2, request_id=f"r{k}", prompt_ids=[65, 66], max_tokens=30,
                                                                     stream=True)))
         return [await bounded(sockets.recv(self.sched_in, SubmitJob)) for _ in range(n)]
 

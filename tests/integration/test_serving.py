@@ -130,7 +130,7 @@ async def test_malformed_traffic_gets_error_codes_and_the_stack_keeps_serving(st
     sock.connect(stack.endpoint)
 
     def generate(**fields) -> list[bytes]:
-        return [b"\x01", msgpack.packb({"version": 1, **fields})]
+        return [b"\x01", msgpack.packb({"version": 2, **fields})]
 
     cases = [
         ([b"\x93\x00garbage"], "invalid_request"),  # one frame of random bytes
@@ -175,7 +175,7 @@ async def test_an_oversized_frame_is_refused_while_another_client_is_served(stac
     big.setsockopt(zmq.LINGER, 0)
     big.connect(stack.endpoint)
     try:
-        huge = {"version": 1, "request_id": "huge", "prompt": "x" * (8 << 20), "max_tokens": 1}
+        huge = {"version": 2, "request_id": "huge", "prompt": "x" * (8 << 20), "max_tokens": 1}
         async with AsyncClient(stack.endpoint, timeout=60) as client:
             for _ in range(4):
                 await big.send_multipart([b"\x01", msgpack.packb(huge)])
@@ -201,7 +201,7 @@ async def test_a_client_written_from_the_protocol_doc_streams_from_the_stack(sta
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(stack.endpoint)
     try:
-        request = {"version": 1, "request_id": "doc-1", "prompt_ids": [7, 8, 9], "max_tokens": 12,
+        request = {"version": 2, "request_id": "doc-1", "prompt_ids": [7, 8, 9], "max_tokens": 12,
                    "stream": True, "ignore_eos": True}
         await sock.send_multipart([bytes([1]), msgpack.packb(request)])
         tokens, streamed = [], 0

@@ -80,7 +80,7 @@ def core(ready: bool = True) -> IngressCore:
 
 
 def gen(**f) -> Generate:
-    return Generate(**{"version": 1, "max_tokens": 4, **f})
+    return Generate(**{"version": 2, "max_tokens": 4, **f})
 
 
 def only(outs: list) -> object:
@@ -119,7 +119,7 @@ def test_boundaries_are_inclusive():
 def test_decode_errors_name_the_request_when_readable():
     import msgpack
 
-    frames = [b"\x01", msgpack.packb({"version": 1, "request_id": "r9", "max_tokens": "x"})]
+    frames = [b"\x01", msgpack.packb({"version": 2, "request_id": "r9", "max_tokens": "x"})]
     ev = only(core().on_client(b"c", DecodeError("bad_field", "max_tokens: expected int"), frames))
     assert (ev.request_id, ev.code, ev.message) == ("r9", "invalid_request", "max_tokens: expected int")
     ev = only(core().on_client(b"c", DecodeError("bad_frames", "x"), [b"junk"]))

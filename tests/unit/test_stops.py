@@ -1,10 +1,10 @@
-"""Stop strings in the HTTP front door: never emitted, found across chunk boundaries, earliest match wins."""
+"""Stop strings on detokenized text: never emitted, found across chunk boundaries, earliest match wins."""
 
 from __future__ import annotations
 
 import random
 
-from services.http.stops import StopMatcher
+from common.stops import StopMatcher
 
 
 def run(chunks: list[str], stops: list[str]) -> tuple[list[str], bool]:
