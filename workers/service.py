@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +19,15 @@ import torch
 from common import sockets
 from common.codec import DecodeError
 from common.log import get_logger
+from common.hostpool import HostPoolError
 from common.messages import BatchResult, Ready, StageBatch, SwapDone
+from common.model.spec import ModelError
+from kernels.attention import AttentionError
+from workers.copy_executor import CopyError
+from workers.copy_executor.startup import import_cupy, open_executor
 from workers.model.batch import StepInput
 from workers.model.logprobs import token_logprobs
-from workers.model.runner import StageRunner
+from workers.model.runner import StageRunner, resolve_device
 from workers.model.sampling import SamplingParams, sample_rows
 
 ACK_POLL_S = 0.0005  # how often pending copies are polled while the stream is idle
@@ -41,6 +46,28 @@ def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def open_stage(config: Any, stage: int) -> tuple[StageRunner, Any | None]:
+    """The stage's layers and its copy executor, everything that can fail checked before the worker is ready.
+
+    The device is set once here, for torch and CuPy alike (no context ever lands on another GPU), CuPy is
+    imported, and the host pool is mapped and page-locked; a missing dependency, an unusable GPU or a pool
+    that cannot fit ends the process with one line that says what to change.
+    """
+    swaps = config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive")
+    try:
+        cupy = None
+        if config.model.device == "cuda":
+            device = resolve_device("cuda", stage, config.parallel.devices)
+            torch.cuda.set_device(device)
+            if swaps:
+                cupy = import_cupy()
+                cupy.cuda.Device(device.index).use()
+        runner = StageRunner.from_config(config, stage)
+        return runner, open_executor(config, stage, runner.kv, cupy) if swaps else None
+    except (CopyError, ModelError, AttentionError, HostPoolError) as e:
+        raise SystemExit(f"fastserve worker --stage {stage}: {e}") from None
+
+
 class StageWorker:
     """Layers [lo, hi) of one stage; the last stage samples and reports tokens to the scheduler."""
 
@@ -53,7 +80,7 @@ class StageWorker:
         send_to_scheduler: Any,
         send_to_kvcache: Any,
         send_to_control: Any | None = None,
-        open_executor: Callable[[], Any] | None = None,
+        executor: Any | None = None,
     ) -> None:
         self.runner = runner
         self.stage = stage
@@ -62,8 +89,7 @@ class StageWorker:
         self.send_to_scheduler = send_to_scheduler
         self.send_to_kvcache = send_to_kvcache
         self.send_to_control = send_to_control
-        self.open_executor = open_executor  # makes the copy executor on the first swap op
-        self.executor: Any | None = None
+        self.executor = executor  # the copy executor, opened at start; None when this stack does not swap
         self.pending_ops = 0
         self.acks_reported = (0.0, 0.0)  # copy_s, overlap_s already sent
         self.log = get_logger()
@@ -75,20 +101,7 @@ class StageWorker:
             # The CPU copy executor is a thread: hand it the GIL quickly, or a short copy waits out a
             # whole 5 ms switch interval behind the compute's Python code and runs after it.
             sys.setswitchinterval(0.0002)
-        runner = StageRunner.from_config(config, stage)
-        open_executor = None
-        if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
-
-            def open_executor() -> Any:
-                # The KV manager creates the host pool; the first swap op it sends proves it exists.
-                from common.hostpool import HostPool, HostPoolLayout
-                from workers.copy_executor import make_executor
-
-                pool = HostPool.attach(config.endpoints.host_pool, HostPoolLayout.from_config(config))
-                executor = make_executor(runner.kv, pool.view(stage))
-                executor.host_pool_handle = pool  # keep the mapping alive as long as the executor
-                return executor
-
+        runner, executor = open_stage(config, stage)
         ctx = ctx or sockets.context()
         ep = config.endpoints
         last = stage == config.parallel.num_stages - 1
@@ -100,7 +113,7 @@ class StageWorker:
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_kvcache=sockets.connect_push(ctx, ep.kvcache),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
-            open_executor=open_executor,
+            executor=executor,
         )
 
     async def run(self) -> None:
@@ -164,9 +177,7 @@ class StageWorker:
         if not msg.swap_out and not msg.swap_in:
             return
         if self.executor is None:
-            if self.open_executor is None:
-                raise RuntimeError("swap ops arrived but this worker has no host pool (cache.num_host_blocks is 0)")
-            self.executor = self.open_executor()
+            raise RuntimeError("swap ops arrived but this worker has no host pool (cache.num_host_blocks is 0)")
         for op in (*msg.swap_out, *msg.swap_in):
             self.executor.submit(op)
             self.pending_ops += 1
