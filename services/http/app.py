@@ -18,7 +18,7 @@ from common.client import FastServeError
 from common.log import get_logger
 from services.http.errors import ApiError, from_validation
 from services.http.front import FrontDoor, Plan
-from services.http.generation import Generation
+from services.http.generation import Delta, Generation
 from services.http.limits import BodyLimit
 from services.http.replies import ChatReplies, CompletionReplies, Replies, usage
 from services.http.schema import ChatRequest, CompletionRequest
@@ -79,7 +79,8 @@ def create_app(front: FrontDoor) -> FastAPI:
 
 async def _serve(front: FrontDoor, request: Request, plan: Plan, kind: type[Replies], arrival: float) -> Response:
     gen = Generation(front.client, plan, front.metrics, arrival)
-    out = kind(plan.request_id, front.model.name, int(time.time()), plan.include_usage)
+    out = kind(plan.request_id, front.model.name, int(time.time()), plan.include_usage,
+               front.pieces if plan.logprobs is not None else None)
     streaming = False
     try:
         if plan.stream:  # wait for the first event, so that a refused request gets its own status code
@@ -88,11 +89,11 @@ async def _serve(front: FrontDoor, request: Request, plan: Plan, kind: type[Repl
             return _Stream(gen, _sse(gen, out, request, front), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        async def whole() -> str:
+        async def whole() -> Delta:
             await gen.start()
             return await gen.collect()
 
-        text = await _unless_disconnected(request, whole())
+        result = await _unless_disconnected(request, whole())
     except FastServeError as e:
         raise ApiError.from_stack(e) from None
     except ClientGone:
@@ -100,7 +101,8 @@ async def _serve(front: FrontDoor, request: Request, plan: Plan, kind: type[Repl
     finally:
         if not streaming:
             await gen.close()
-    return JSONResponse(out.full(text, gen.finish_reason, usage(plan.prompt_tokens, gen.completion_tokens)))
+    return JSONResponse(out.full(result.text, gen.finish_reason, usage(plan.prompt_tokens, gen.completion_tokens),
+                                 result.token_ids, result.logprobs))
 
 
 class _Stream(StreamingResponse):
@@ -126,8 +128,8 @@ async def _sse(gen: Generation, out: Replies, request: Request, front: FrontDoor
         for chunk in out.head():
             yield _event(chunk)
         async with contextlib.aclosing(gen.deltas()) as deltas:
-            async for text in deltas:
-                yield _event(out.chunk(text))
+            async for delta in deltas:
+                yield _event(out.chunk(delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs))
                 if await request.is_disconnected():
                     return
         yield _event(out.chunk(None, gen.finish_reason))

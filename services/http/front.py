@@ -12,6 +12,7 @@ from common.client import AsyncClient
 from common.protocol import ErrorCode
 from services.http.chat import ChatTemplate, ChatTemplateError
 from services.http.errors import ApiError
+from services.http.logprobs import TokenPieces
 from services.http.metrics import Metrics
 from services.http.schema import ChatRequest, CompletionRequest, Sampling
 
@@ -63,10 +64,10 @@ class Plan:
 
     request_id: str  # also the response's `id`
     prompt_ids: list[int]
-    params: dict[str, Any]  # Generate fields besides the prompt: max_tokens, temperature, ...
-    stops: list[str]  # stop strings, matched on the text in the front door
+    params: dict[str, Any]  # Generate fields besides the prompt: max_tokens, temperature, stop, logprobs, ...
     stream: bool  # SSE to the HTTP client (the stack streams to the front door either way)
     include_usage: bool  # stream_options.include_usage
+    logprobs: int | None = None  # alternatives per token's logprobs; None = no logprobs
 
     @property
     def prompt_tokens(self) -> int:
@@ -77,10 +78,12 @@ class FrontDoor:
     """The client of ingress plus the model facts every endpoint needs; from_config builds the real ones."""
 
     def __init__(self, client: AsyncClient, model: ServedModel, encoder: PromptEncoder, template: ChatTemplate,
-                 metrics: Metrics, default_max_tokens: int = 256, max_body_bytes: int = 1 << 20) -> None:
+                 metrics: Metrics, default_max_tokens: int = 256, max_body_bytes: int = 1 << 20,
+                 pieces: TokenPieces | None = None) -> None:
         self.client = client
         self.model = model
         self.encoder = encoder
+        self.pieces = pieces or TokenPieces.for_model("default")  # token ids as text, for logprobs
         self.template = template
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
@@ -98,7 +101,7 @@ class FrontDoor:
         template = ChatTemplate.fallback() if path == DEFAULT else ChatTemplate.for_model(path)
         client = AsyncClient(config.endpoints.client, timeout=config.http.request_timeout_s)
         return cls(client, model, PromptEncoder.for_model(path), template, Metrics(),
-                   config.http.default_max_tokens, config.http.max_body_bytes)
+                   config.http.default_max_tokens, config.http.max_body_bytes, TokenPieces.for_model(path))
 
     def plan_completion(self, req: CompletionRequest) -> Plan:
         self._check(req)
@@ -131,9 +134,9 @@ class FrontDoor:
             max_tokens = min(self.default_max_tokens, left)
         params = {"max_tokens": max_tokens, "temperature": req.temperature, "top_k": max(req.top_k, 0),
                   "top_p": req.top_p, "seed": req.seed, "stop_token_ids": list(req.stop_token_ids or []),
-                  "ignore_eos": req.ignore_eos}
+                  "ignore_eos": req.ignore_eos, "stop": req.stop_strings(), "logprobs": req.logprobs_asked()}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Plan(f"{kind}-{uuid.uuid4().hex}", ids, params, req.stop_strings(), req.stream, include_usage)
+        return Plan(f"{kind}-{uuid.uuid4().hex}", ids, params, req.stream, include_usage, req.logprobs_asked())
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,26 +1,41 @@
-"""One stack request seen as text deltas: stop strings applied, latencies observed, the job cancelled
-whenever its output is no longer wanted (a stop string, the HTTP client gone, an error)."""
+"""One stack request seen as deltas (text, tokens, logprobs): latencies observed, the job cancelled
+whenever its output is no longer wanted (the HTTP client gone, an error). Ingress applies stop strings."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import anyio
 
 from common.client import AsyncClient, FastServeError
-from common.protocol import FinishEvent
+from common.protocol import FinishEvent, TokenLogprobs
 from services.http.front import Plan
 from services.http.metrics import Metrics
-from common.stops import StopMatcher
+
+
+@dataclass
+class Delta:
+    """What one stack event adds: text safe to show (past stop strings), and the tokens with their logprobs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token when the request asked, else []
+
+    def __iadd__(self, other: "Delta") -> "Delta":
+        self.text += other.text
+        self.token_ids += other.token_ids
+        self.logprobs += other.logprobs
+        return self
 
 
 class Generation:
     """Drives AsyncClient.stream for one Plan. The stack always streams to the front door, even for a
-    non-streaming HTTP request: stop strings must be seen as they appear, to end the job early.
+    non-streaming HTTP request, so that a client that leaves is noticed while its job runs.
 
     `start()` waits for the first event, so a request ingress refuses raises before any HTTP response
-    starts (and gets its own status code); `deltas()` then yields the text as it is safe to show.
+    starts (and gets its own status code); `deltas()` then yields what each event adds.
     """
 
     def __init__(self, client: AsyncClient, plan: Plan, metrics: Metrics, arrival_s: float,
@@ -30,7 +45,6 @@ class Generation:
         self.metrics = metrics
         self.arrival_s = arrival_s  # clock() when the HTTP request arrived
         self.clock = clock
-        self.stops = StopMatcher(plan.stops)
         self.finish_reason: str | None = None  # "stop" | "length" once ended normally
         self.completion_tokens = 0
         self._events = client.stream(None, prompt_ids=plan.prompt_ids, request_id=plan.request_id, **plan.params)
@@ -43,27 +57,20 @@ class Generation:
         self._first = await self._next()
         self.metrics.prompt_tokens.inc(self.plan.prompt_tokens)
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas (never a stop string) until the request ends; `finish_reason` is set after the last."""
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """What each event adds, until the request ends (events that add nothing are skipped);
+        `finish_reason` is set before the last one."""
         event = self._first
         try:
             while True:
-                text = self._take(event)
-                if self.stops.stopped:  # a stop string: the job's further tokens are not wanted
-                    await self._cancel()
-                    self._finish("stop")
-                    if text:
-                        yield text
-                    return
+                delta = self._take(event)
                 if isinstance(event, FinishEvent):
                     self._done = True
                     self._finish(event.finish_reason)
-                    text += self.stops.flush()
-                    if text:
-                        yield text
+                if delta.text or delta.logprobs:
+                    yield delta
+                if isinstance(event, FinishEvent):
                     return
-                if text:
-                    yield text
                 event = await self._next()
         finally:
             await self.close()
@@ -78,11 +85,14 @@ class Generation:
         with anyio.CancelScope(shield=True):
             await self._events.aclose()
 
-    async def collect(self) -> str:
-        """All the text, for a non-streaming response."""
-        return "".join([text async for text in self.deltas()])
+    async def collect(self) -> Delta:
+        """Everything, for a non-streaming response."""
+        whole = Delta()
+        async for delta in self.deltas():
+            whole += delta
+        return whole
 
-    def _take(self, event: object) -> str:
+    def _take(self, event: object) -> Delta:
         token_ids = getattr(event, "token_ids", None) or []
         if token_ids:
             now = self.clock()
@@ -93,7 +103,7 @@ class Generation:
             self._last_token_s = now
             self.completion_tokens += len(token_ids)
             self.metrics.generation_tokens.inc(len(token_ids))
-        return self.stops.feed(getattr(event, "text", ""))
+        return Delta(getattr(event, "text", ""), list(token_ids), list(getattr(event, "logprobs", None) or []))
 
     async def _next(self) -> object:
         try:

@@ -10,11 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from common.protocol import MAX_PROMPT_IDS
+from common.messages import MAX_LOGPROBS
+from common.protocol import MAX_PROMPT_IDS, MAX_STOP_CHARS, MAX_STOPS
 from services.http.errors import ApiError
-
-MAX_STOPS = 16  # stop strings per request
-MAX_STOP_CHARS = 256  # characters per stop string (each is held back that long while streaming)
 
 
 class _Strict(BaseModel):
@@ -51,6 +49,10 @@ class Sampling(_Strict):
     def output_limit(self) -> int | None:
         return self.max_tokens
 
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprobs list; None = no logprobs."""
+        return None
+
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -66,24 +68,22 @@ class Sampling(_Strict):
             raise ApiError.invalid("stream_options is only allowed with stream: true")
 
 
-_NO_LOGPROBS = "logprobs are not served yet: the last stage returns sampled tokens only; leave {} out"
-
-
 class CompletionRequest(Sampling):
     """POST /v1/completions."""
 
     prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
-    logprobs: StrictInt | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # alternatives per token
     echo: bool = False
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None:
-            raise ApiError.invalid(_NO_LOGPROBS.format("logprobs"), "unsupported_parameter")
         if self.echo or self.best_of not in (None, 1) or self.suffix:
             raise ApiError.invalid("echo, best_of > 1 and suffix are not served", "unsupported_parameter")
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Strict):
@@ -113,15 +113,21 @@ class ChatRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None  # alternatives per token; needs logprobs
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs is not None:
-            raise ApiError.invalid(_NO_LOGPROBS.format("logprobs and top_logprobs"), "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError.invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+        if (self.top_logprobs or 0) > MAX_LOGPROBS:
+            raise ApiError.invalid(f"top_logprobs is {self.top_logprobs}; at most {MAX_LOGPROBS} are served",
+                                   "unsupported_parameter", "top_logprobs")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ApiError.invalid("max_tokens and max_completion_tokens disagree; give one of them")
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

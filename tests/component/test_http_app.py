@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from common.client import InternalError, Overloaded, RequestTimeout, Unavailable
-from common.protocol import FinishEvent, TokenEvent
+from common.protocol import FinishEvent, TokenEvent, TokenLogprobs
 from services.http.app import create_app
 from services.http.chat import ChatTemplate
 from services.http.front import FrontDoor, PromptEncoder, ServedModel
@@ -86,13 +86,52 @@ async def test_default_max_tokens_is_the_context_left_capped(app_client):
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_too_long"
 
 
-async def test_a_stop_string_across_events_ends_the_job_with_stop(app_client):
+async def test_stop_strings_go_to_the_stack_and_its_stop_is_the_finish_reason(app_client):
     http, fake = app_client
-    fake.scripts.append([*tokens("ab", "c<", "/e", "nd>", "zz"), FinishEvent("r", "length", [], "", 3, 6)])
-    response = await http.post("/v1/completions", json={"prompt": "hi", "stop": ["</end>", "never"]})
+    fake.scripts.append([*tokens("ab", "c"), FinishEvent("r", "stop", [60, 47], "", 3, 5)])  # ingress matched "</"
+    response = await http.post("/v1/completions", json={"prompt": "hi", "stop": ["</", "never"]})
     choice = response.json()["choices"][0]
-    assert (choice["text"], choice["finish_reason"]) == ("abc", "stop")
-    assert fake.cancelled == [fake.requests[0]["request_id"]]
+    assert (choice["text"], choice["finish_reason"], choice["logprobs"]) == ("abc", "stop", None)
+    assert fake.requests[0]["stop"] == ["</", "never"] and fake.requests[0]["logprobs"] is None
+    assert response.json()["usage"]["completion_tokens"] == 5 and fake.cancelled == []
+
+
+def entry(token: int, logprob: float, k: int = 2) -> TokenLogprobs:
+    """What the stack sends for a token: its logprob and k alternatives (itself first, then the next id)."""
+    return TokenLogprobs(logprob, [token, token + 1][:k], [logprob, logprob - 1.0][:k])
+
+
+async def test_completion_logprobs_in_openais_legacy_shape(app_client):
+    http, fake = app_client
+    fake.scripts.append([TokenEvent("r", [104, 105], "hi", [entry(104, -0.5), entry(105, -0.25)]),
+                         FinishEvent("r", "length", [33], "!", 2, 3, [entry(33, -1.5)])])
+    response = await http.post("/v1/completions", json={"prompt": "x", "logprobs": 2, "max_tokens": 3})
+    assert fake.requests[0]["logprobs"] == 2
+    logprobs = response.json()["choices"][0]["logprobs"]
+    assert logprobs == {"tokens": ["h", "i", "!"], "token_logprobs": [-0.5, -0.25, -1.5],
+                        "top_logprobs": [{"h": -0.5, "i": -1.5}, {"i": -0.25, "j": -1.25}, {"!": -1.5, '"': -2.5}],
+                        "text_offset": [0, 1, 2]}
+    response = await http.post("/v1/completions", json={"prompt": "x", "logprobs": 6})
+    assert response.status_code == 400
+
+
+async def test_streamed_chat_logprobs_come_with_their_chunks(app_client):
+    http, fake = app_client
+    fake.scripts.append([TokenEvent("r", [0xC3], "", [entry(0xC3, -0.1, 1)]),  # half a character: no text yet
+                         TokenEvent("r", [0xA9], "\u00e9", [entry(0xA9, -0.2, 1)]), FinishEvent("r", "length", [], "", 2, 2)])
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True, "logprobs": True, "top_logprobs": 1}
+    response = await http.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in response.text.strip().split("\n\n")[:-1]]
+    content = [c["choices"][0]["logprobs"]["content"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert content == [[{"token": "\ufffd", "logprob": -0.1, "bytes": [0xC3],
+                         "top_logprobs": [{"token": "\ufffd", "logprob": -0.1, "bytes": [0xC3]}]}],
+                       [{"token": "\ufffd", "logprob": -0.2, "bytes": [0xA9],
+                         "top_logprobs": [{"token": "\ufffd", "logprob": -0.2, "bytes": [0xA9]}]}]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "\u00e9"
+    assert fake.requests[0]["logprobs"] == 1
+    for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 6}):
+        response = await http.post("/v1/chat/completions", json={"messages": body["messages"], **bad})
+        assert response.status_code == 400, bad
 
 
 async def test_a_failure_mid_stream_is_an_error_event_then_done(app_client):

@@ -4,6 +4,7 @@ disconnects. The built-in random model: texts are arbitrary bytes, so assertions
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -157,10 +158,30 @@ def test_the_same_seed_gives_the_same_text(oai):
     assert sample(1234) == sample(1234)
 
 
+def test_logprobs_from_the_last_stage_streamed_and_not(oai):
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3,
+                  extra_body={"ignore_eos": True})
+    content = oai.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert len(content) == 10
+    for token in content:
+        top = [t.logprob for t in token.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and sum(math.exp(x) for x in top) <= 1 + 1e-6
+        # greedy: the sampled token is the most likely one
+        assert token.top_logprobs[0].bytes == token.bytes and token.logprob == pytest.approx(top[0], abs=1e-5)
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.bytes, round(t.logprob, 4)) for t in streamed] == [(t.bytes, round(t.logprob, 4)) for t in content]
+    legacy = oai.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=0, logprobs=0,
+                                    extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == 6 and all(lp <= 0 for lp in legacy.token_logprobs)
+    assert legacy.top_logprobs == [{}] * 6
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(6)]
+
+
 def test_openai_errors_for_bad_input(oai):
     cases = [
         (openai.BadRequestError, dict(n=2), "unsupported_parameter"),
-        (openai.BadRequestError, dict(logprobs=True, top_logprobs=2), "unsupported_parameter"),
+        (openai.BadRequestError, dict(logprobs=True, top_logprobs=6), "unsupported_parameter"),
         (openai.BadRequestError, dict(max_tokens=10**6), "context_too_long"),
         (openai.BadRequestError, dict(extra_body={"frobnicate": 1}), "invalid_request"),
         (openai.BadRequestError, dict(temperature=-1), "invalid_request"),
