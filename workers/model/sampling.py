@@ -100,6 +100,10 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], steps: list[
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(steps):
         raise ValueError(f"sample needs logits [B, V] with B = len(params) = len(steps); got {tuple(logits.shape)}, "
                          f"{len(params)} params, {len(steps)} steps")
+    if logits.is_cuda:  # batched where the logits are, no per-row copy or host sort (device_sampling.py)
+        from workers.model.device_sampling import sample_rows_on_device
+
+        return sample_rows_on_device(logits, params, steps)
     out = logits.argmax(dim=-1).tolist()
     errors: dict[int, str] = {}
     rows = [i for i, p in enumerate(params) if not p.greedy]
