@@ -70,3 +70,33 @@ def test_copies_overlap_compute_on_another_stream(executor_parts):
     assert stats.ops_out == 8 and stats.copy_s > 0
     assert stats.hidden_fraction > 0.9, stats
     ex.close()
+
+
+def test_uploads_wait_for_compute_already_queued(executor_parts):
+    cls, device, host = executor_parts
+    ex = cls(device, host)
+    device[3].fill_(1.0)
+    host[7].fill_(3.0)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e8))  # about 0.1 s of queued compute ahead of the read below
+    snapshot = device[3].clone()  # a kernel queued before the upload still reads the old block
+    ex.submit(SwapOp(0, "reused", Direction.IN, ((7, 3),)))
+    ex.flush()
+    torch.cuda.synchronize()
+    assert bool((snapshot == 1.0).all()), "the upload overwrote a block that queued compute had yet to read"
+    assert bool((device[3] == 3.0).all())
+    ex.close()
+
+
+def test_copy_times_come_from_each_ops_own_events(executor_parts):
+    cls, device, host = executor_parts
+    ex = cls(device, host)
+    for i in range(4):
+        ex.submit(SwapOp(i, "a", Direction.OUT, tuple((j, j) for j in range(16))))
+    ex.flush()
+    ex.poll()
+    stats = ex.stats()
+    nbytes = 4 * 16 * device[0].numel() * 4
+    assert stats.bytes_out == nbytes and 0 < stats.copy_s < 1.0
+    assert nbytes / stats.copy_s > 1e9, stats  # a pinned pool copies at DMA speed, more than 1 GB/s
+    ex.close()
