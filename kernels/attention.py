@@ -62,6 +62,20 @@ class FlashInferAttention:
         self.num_heads, self.num_kv_heads, self.head_dim, self.block_size = num_heads, num_kv_heads, head_dim, block_size
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "HND")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run one tiny step now: FlashInfer compiles its kernels on first use, and a compile that fails
+        must fail here, at start, not in the first batch."""
+        from kernels.paged_attention import build_meta
+
+        pool = torch.zeros(2, 1, 2, self.num_kv_heads, self.block_size, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+        meta = build_meta([2, 1], [0, 3], [[0], [1]], self.block_size, 1, self.num_kv_heads, self.device)
+        q = torch.zeros(3, self.num_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        self.plan(meta)
+        self.attend(pool, 0, q, None, None, meta)
+        torch.cuda.synchronize(self.device)
 
     def plan(self, meta: AttnMeta) -> None:
         bs = self.block_size
@@ -114,4 +128,10 @@ def make_attention(choice: str, device: torch.device, num_heads: int, num_kv_hea
         raise AttentionError(f"model.attention=flashinfer cannot run: {why}; use model.attention=auto or reference")
     if why:
         return ReferenceAttention(scale), why
-    return FlashInferAttention(device, num_heads, num_kv_heads, head_dim, block_size, dtype, scale), ""
+    try:
+        return FlashInferAttention(device, num_heads, num_kv_heads, head_dim, block_size, dtype, scale), ""
+    except Exception as e:  # a kernel that does not build or run here (no nvcc, an unsupported GPU): say so
+        why = f"FlashInfer failed its warm-up step: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if choice == "flashinfer":
+            raise AttentionError(f"model.attention=flashinfer cannot run: {why}; use model.attention=reference") from e
+        return ReferenceAttention(scale), why

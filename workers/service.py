@@ -120,7 +120,9 @@ class StageWorker:
         for sock in (self.send_to_scheduler, self.send_to_control):
             if sock is not None:
                 await sockets.send(sock, Ready("worker", self.stage))
-        self.log.info("worker_ready", layers=f"[{self.runner.lo},{self.runner.hi})", blocks=self.runner.num_blocks)
+        self.log.info("worker_ready", layers=f"[{self.runner.lo},{self.runner.hi})", blocks=self.runner.num_blocks,
+                      device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
+                      attention=self.runner.attention.name, attention_fallback=self.runner.attention_fallback)
         acks = asyncio.ensure_future(self.ack_loop())
         try:
             while True:
