@@ -101,3 +101,22 @@ def open_executor(config: Any, stage: int, device_pool: torch.Tensor, cupy: Any 
     executor = make_executor(device_pool, pool.view(stage), cupy=cupy)
     executor.host_pool_handle = pool  # keep the mapping alive as long as the executor
     return executor
+
+
+def gpu_problem() -> str:
+    """Why this environment cannot serve on a GPU, in one line ("" when torch sees a GPU and CuPy matches it)."""
+    from workers.model.runner import cuda_unusable
+
+    why = cuda_unusable()
+    if why:
+        return why
+    try:
+        import_cupy()
+    except CopyError as e:
+        return str(e)
+    return ""
+
+
+if __name__ == "__main__":  # `make gpu` ends with this check
+    problem = gpu_problem()
+    raise SystemExit(f"make gpu: {problem}" if problem else print("make gpu: torch sees the GPU and CuPy matches its CUDA"))
