@@ -12,10 +12,11 @@ from typing import Any
 
 from bench import workloads
 from bench.loadtest import plan as plan_mod
-from bench.loadtest.driver import Outcome, run_load
+from bench.loadtest import serve_metrics as serve
+from bench.loadtest.driver import Outcome, run_load, zmq_backend
 from bench.loadtest.launch import StackFailed, launched
 from bench.loadtest.plots import plot_jct_cdf, plot_latency_vs_rate
-from bench.loadtest.report import format_table, jct_values, ratios, saturation, summarize_outcomes
+from bench.loadtest.report import format_table, jct_values, measured_rate, ratios, saturation, summarize_outcomes
 from common import config as config_mod
 from common.config import POLICIES
 
@@ -23,7 +24,11 @@ from common.config import POLICIES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastserve loadtest", description="open-loop load test of a running or launched stack")
     t = p.add_argument_group("target")
-    t.add_argument("--address", help="client endpoint of a running stack (tcp://HOST:PORT)")
+    t.add_argument("--backend", choices=("zmq", "openai"), default="zmq",
+                   help="zmq: the FastServe client library; openai: streamed POST /v1/completions over HTTP")
+    t.add_argument("--address", help="zmq: client endpoint of a running stack (tcp://HOST:PORT)")
+    t.add_argument("--base-url", help="openai: base URL of a running OpenAI-compatible server (http://HOST:PORT)")
+    t.add_argument("--model", default="", help="openai: the model name to send (default: the first /v1/models lists)")
     t.add_argument("--launch", action="store_true", help="start a stack per policy from --config, stop it after")
     t.add_argument("--policies", help=f"with --launch: comma-separated, any of {','.join(POLICIES)}")
     t.add_argument("--config", help="TOML config of the launched stack (also gives the model context)")
@@ -45,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, default=0, help="cap on requests in flight (0 = none)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is cancelled")
     r.add_argument("--slo", default="", help="goodput SLO, e.g. ttft=0.5,tpot=0.05 (seconds)")
+    r.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                   help="vLLM's goodput SLOs, e.g. ttft:500 tpot:50 e2el:2000 (milliseconds)")
+    r.add_argument("--percentiles", "--metric-percentiles", default="99",
+                   help="comma-separated percentiles of the vLLM metrics (vLLM's --metric-percentiles)")
+    r.add_argument("--percentile-metrics", default=",".join(serve.DEFAULT_PERCENTILE_METRICS),
+                   help=f"comma-separated, any of {','.join(serve.METRICS)}")
     r.add_argument("--out", help="results JSON file")
     r.add_argument("--plots", help="PNG path prefix, e.g. docs/img/loadtest_zipf")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +82,26 @@ def rates_of(args: argparse.Namespace) -> list[float | None]:
     raise ValueError("give --rate or --rates (or --trace to replay at the recorded rate, or --saturation)")
 
 
+def backend_of(args: argparse.Namespace) -> Any:
+    if args.backend == "openai":
+        from bench.loadtest.openai_backend import openai_backend
+
+        return openai_backend(args.model)
+    return zmq_backend
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--percentiles, --percentile-metrics and --goodput, checked."""
+    try:
+        percentiles = [float(p) for p in serve.parse_list(args.percentiles)]
+    except ValueError:
+        raise ValueError(f"--percentiles {args.percentiles!r}: give numbers such as 50,90,99") from None
+    if not all(0 < p < 100 for p in percentiles):
+        raise ValueError("--percentiles must lie strictly between 0 and 100")
+    return {"percentiles": percentiles, "percentile_metrics": serve.parse_list(args.percentile_metrics, serve.METRICS),
+            "goodput": serve.parse_goodput(args.goodput)}
+
+
 async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: argparse.Namespace,
                   slo: Any, batch_jobs: int) -> dict[str, Any]:
     workload = spec.build() if spec.rate is not None or spec.trace else spec.at_rate(1.0).build()
@@ -83,31 +114,37 @@ async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: a
         bar = tqdm(total=len(sends), desc=label, unit="req", file=sys.stderr, leave=False)
     try:
         outcomes = await run_load(address, sends, args.concurrency, args.timeout,
-                                  on_done=(lambda _: bar.update()) if bar else None)
+                                  on_done=(lambda _: bar.update()) if bar else None, backend=backend_of(args))
     finally:
         if bar is not None:
             bar.close()
     summary = summarize_outcomes(outcomes, slo)
     if args.saturation:
         summary["saturation"] = saturation(outcomes, batch_jobs)
-    return {"rate": spec.rate, "workload": workload.describe(), "summary": summary,
+    options = serve_options(args)
+    return {"rate": spec.rate, "measured_rate": measured_rate(outcomes), "backend": args.backend, "target": address,
+            "workload": workload.describe(), "summary": summary, "serve": serve.serve_metrics(outcomes, **options),
             "loadavg_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
             "records": [dataclasses.asdict(o) for o in outcomes]}
 
 
 async def run_all(args: argparse.Namespace, config: config_mod.Config) -> dict[str, Any]:
     spec, rates, slo = workload_spec(args, config), rates_of(args), plan_mod.parse_slo(args.slo)
+    serve_options(args)  # refused before any stack starts
+    http = args.backend == "openai"
     runs: list[dict[str, Any]] = []
     if args.launch:
         for policy in policy_list(args, config):
-            async with launched(config.replace(scheduler={"policy": policy})) as stack:
+            async with launched(config.replace(scheduler={"policy": policy}), http=http) as stack:
+                target = stack.base_url if http else stack.endpoint
                 for rate in rates:
-                    run = await stack.guard(one_run(stack.endpoint, f"{policy} @ {rate}", spec.at_rate(rate), args, slo,
+                    run = await stack.guard(one_run(target, f"{policy} @ {rate}", spec.at_rate(rate), args, slo,
                                                      config.scheduler.max_jobs))
-                    runs.append({"policy": policy, **run})
+                    runs.append({"policy": policy, "endpoints": stack.config.to_dict()["endpoints"], **run})
     else:
         for rate in rates:
-            run = await one_run(args.address, f"@ {rate}", spec.at_rate(rate), args, slo, config.scheduler.max_jobs)
+            target = args.base_url if http else args.address
+            run = await one_run(target, f"@ {rate}", spec.at_rate(rate), args, slo, config.scheduler.max_jobs)
             runs.append({"policy": config.scheduler.policy if args.config else "running", **run})
     return {"command": ["fastserve", "loadtest", *args.argv], "config": config.to_dict(),
             "workload": dataclasses.asdict(spec), "slo": args.slo, "saturation": args.saturation,
@@ -135,9 +172,15 @@ def ratios_by_rate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    options = serve_options(args)
     for rate, group in by_rate(result["runs"]).items():
-        print(f"\n== rate {rate} req/s" + (" (burst: saturation)" if args.saturation else ""))
+        measured = ", ".join(f"{p} {_rate(r['measured_rate'])}" for p, r in group.items())
+        asked = "a burst (saturation)" if args.saturation else ("the trace's" if rate == "None" else f"{rate} req/s")
+        print(f"\n== arrival rate measured: {measured} (asked: {asked})")
         print(format_table({p: r["summary"] for p, r in group.items()}))
+        for policy, run in group.items():
+            print(f"\n{policy}, {run['backend']} backend:")
+            print(serve.format_serve_metrics(run["serve"], options["percentiles"], options["percentile_metrics"]))
         for policy, run in group.items():
             if "saturation" in run["summary"]:
                 sat = run["summary"]["saturation"]
@@ -157,11 +200,18 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             print("plot:", plot_latency_vs_rate(items, f"{args.plots}_latency_vs_rate.png"))
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} req/s"
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    if bool(args.launch) == bool(args.address):
-        print("fastserve loadtest: give exactly one of --address (a running stack) and --launch", file=sys.stderr)
+    target, flag = (args.base_url, "--base-url") if args.backend == "openai" else (args.address, "--address")
+    other = args.address if args.backend == "openai" else args.base_url
+    if bool(args.launch) == bool(target) or other:
+        print(f"fastserve loadtest: give exactly one of {flag} (a running {'server' if args.backend == 'openai' else 'stack'})"
+              f" and --launch; --address is for --backend zmq, --base-url for --backend openai", file=sys.stderr)
         return 2
     if args.policies and not args.launch:
         print("fastserve loadtest: --policies needs --launch (one stack per policy)", file=sys.stderr)

@@ -30,14 +30,20 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def on_free_ports(config: config_mod.Config) -> config_mod.Config:
-    """The config with every tcp endpoint on a free loopback port, so stacks never collide."""
-    stages = config.parallel.num_stages
-    ports = free_ports(4 + stages)
-    addr = [f"tcp://127.0.0.1:{p}" for p in ports]
-    # the load tester speaks ZeroMQ: no HTTP front door, so no fixed HTTP port to collide on
-    return config.replace(endpoints={"client": addr[0], "ingress": addr[1], "scheduler": addr[2],
-                                     "kvcache": addr[3], "stages": tuple(addr[4:]), "bind_any": False, "http": ""})
+def on_free_ports(config: config_mod.Config, http: bool = False) -> config_mod.Config:
+    """The config with every endpoint the user left at its default on a free loopback port, so stacks never
+    collide; an endpoint the user set is kept. The HTTP front door runs when `http` is asked for (on a free
+    port unless endpoints.http is set) or when endpoints.http is set; otherwise the stack runs without it."""
+    default, ep = config_mod.Endpoints(), config.endpoints
+    names = [n for n in ("client", "ingress", "scheduler", "kvcache") if getattr(ep, n) == getattr(default, n)]
+    own_stages = not ep.stages and "kvcache" in names  # stage ports follow a kvcache address the user set
+    ports = iter(free_ports(len(names) + (config.parallel.num_stages if own_stages else 0) + 1))
+    changes: dict = {n: f"tcp://127.0.0.1:{next(ports)}" for n in names}
+    if own_stages:
+        changes["stages"] = tuple(f"tcp://127.0.0.1:{next(ports)}" for _ in range(config.parallel.num_stages))
+    if ep.http == default.http:
+        changes["http"] = f"127.0.0.1:{next(ports)}" if http else ""
+    return config.replace(endpoints=changes)
 
 
 class LaunchedStack:
@@ -45,7 +51,9 @@ class LaunchedStack:
 
     def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
+        self.config = launcher.config  # as launched: the endpoints it really uses
         self.endpoint = launcher.endpoint()
+        self.base_url = f"http://{self.config.endpoints.http}" if self.config.endpoints.http else ""
 
     async def guard(self, work: Awaitable[T]) -> T:
         job = asyncio.ensure_future(work)
@@ -64,9 +72,11 @@ class LaunchedStack:
 
 
 @contextlib.asynccontextmanager
-async def launched(config: config_mod.Config, log_level: str = "warning") -> AsyncIterator[LaunchedStack]:
-    """Start every process of the stack, wait for their ready handshakes, yield, then stop them all."""
-    launcher = Launcher(on_free_ports(config), log_level, quiet=True)
+async def launched(config: config_mod.Config, log_level: str = "warning",
+                   http: bool = False) -> AsyncIterator[LaunchedStack]:
+    """Start every process of the stack (the HTTP front door too with `http`), wait for their ready
+    handshakes, yield, then stop them all."""
+    launcher = Launcher(on_free_ports(config, http), log_level, quiet=True)
     try:
         try:
             await launcher.start()

@@ -121,3 +121,12 @@ def saturation(outcomes: Sequence[Outcome], batch_jobs: int) -> dict[str, float]
     tps = tokens / until
     mean_out = sum(o.tokens for o in done) / len(done)
     return {"busy_until_s": until, "tokens_per_s": tps, "mean_output_tokens": mean_out, "requests_per_s": tps / mean_out}
+
+
+def measured_rate(outcomes: Sequence[Outcome]) -> float | None:
+    """The arrival rate the run really offered: (n - 1) / (last send - first send) over the measured
+    requests (a busy client or a concurrency cap sends later than planned); None below two sends."""
+    sent = sorted(o.sent_s for o in outcomes if not o.warmup)
+    if len(sent) < 2 or sent[-1] <= sent[0]:
+        return None
+    return (len(sent) - 1) / (sent[-1] - sent[0])

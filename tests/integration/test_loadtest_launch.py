@@ -56,5 +56,29 @@ def test_bad_arguments_are_refused():
     assert both.returncode == 2 and "exactly one of --address" in both.stderr
     bad_policy = run("--launch", "--policies", "fcfs,lifo", "--rate", "1")
     assert bad_policy.returncode == 2 and "unknown policy lifo" in bad_policy.stderr
+    wrong_target = run("--backend", "openai", "--address", "tcp://127.0.0.1:1", "--rate", "1")
+    assert wrong_target.returncode == 2 and "--base-url for --backend openai" in wrong_target.stderr
     no_rate = run("--launch")
     assert no_rate.returncode == 2 and "--rate" in no_rate.stderr
+
+
+def test_the_openai_backend_against_a_launched_front_door_keeps_the_users_endpoint(tmp_path):
+    from bench.loadtest.launch import free_ports
+
+    out, client = tmp_path / "lt.json", f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    argv = [sys.executable, "-m", "services.cli", "loadtest", "--backend", "openai", "--launch", "--num", "6",
+            "--rate", "20", "--input-zipf", "1.1,4,32", "--output-zipf", "1.1,2,16", "--seed", "1", "--warmup", "1",
+            "--percentiles", "50,99", "--percentile-metrics", "ttft,tpot,itl,e2el", "--goodput", "ttft:60000",
+            "--set", f"endpoints.client={client}", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Serving Benchmark Result" in proc.stdout and "P99 E2EL (ms):" in proc.stdout
+    assert "== arrival rate measured: " in proc.stdout and "req/s (asked: 20.0 req/s)" in proc.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["backend"] == "openai" and run["target"].startswith("http://127.0.0.1:")
+    assert run["endpoints"]["client"] == client  # the endpoint the user set, not a free port of its own
+    serve = run["serve"]
+    assert (serve["completed"], serve["failed"]) == (5, 0) and serve["request_goodput"] > 0
+    assert 0 < serve["median_ttft_ms"] <= serve["p99_ttft_ms"] and serve["mean_itl_ms"] > 0
+    assert serve["total_output_tokens"] == sum(r["max_tokens"] for r in run["records"] if not r["warmup"])
+    assert run["measured_rate"] > 0
