@@ -120,8 +120,13 @@ if [ "$MODE" = system ]; then
   rec mode system tool none python "$BASE_PY"
   SITE="$WORK/site"; mkdir -p "$SITE"
   if [ ${#FIND[@]} -gt 0 ] && ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then
-    "$BASE_PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELHOUSE"/*.whl \
-      && rec wheelhouse "installed $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels from $WHEELHOUSE into $SITE"
+    # one wheel at a time: a wheel for another Python version is skipped, not fatal to the rest
+    ok=0; bad=""
+    for w in "$WHEELHOUSE"/*.whl; do
+      if "$BASE_PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$w"; then
+        ok=$((ok + 1)); else bad="$bad $(basename "$w")"; fi
+    done
+    rec wheelhouse "installed $ok wheels from $WHEELHOUSE into $SITE; refused:${bad:- none}"
   fi
   echo "$BASE_PY" > "$WORK/python"
 else
