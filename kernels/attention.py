@@ -93,7 +93,7 @@ class FlashInferAttention:
 
     def attend(self, pool, layer, q, k, v, meta):
         cache = (pool[:, layer, 0], pool[:, layer, 1])  # [blocks, kv_heads, block_size, head_dim] each, HND
-        return self._wrapper.run(q, cache).reshape(q.shape[0], -1)
+        return self._wrapper.run(q.contiguous(), cache).reshape(q.shape[0], -1)
 
 
 def flashinfer_unfit(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:

@@ -65,7 +65,11 @@ class StageRunner:
         if num_blocks <= 0:
             raise ModelError(f"num_blocks must be > 0, not {num_blocks}")
         moved: dict[int, torch.Tensor] = {}  # tied embeddings (embed is lm_head) are copied once
-        w = {k: moved.setdefault(id(v), v.to(self.device, self.dtype)) for k, v in weights.items()}
+        w: Weights = {}
+        for name, tensor in weights.items():
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(self.device, self.dtype)
+            w[name] = moved[id(tensor)]
         self.attention, self.attention_fallback = make_attention(
             attention, self.device, spec.num_heads, spec.num_kv_heads, spec.head_dim, block_size, self.dtype)
         family = LlamaStage if spec.family == "llama" else OPTStage
@@ -109,7 +113,9 @@ class StageRunner:
         if self.is_first:
             h = self.model.embed(meta.token_ids, meta.positions)
         else:
-            h = step.hidden.to(self.device, self.dtype, non_blocking=step.hidden.is_pinned())
+            # through page-locked memory: a pageable copy would make the host wait for the whole stream
+            h = step.hidden.pin_memory() if self.device.type == "cuda" else step.hidden
+            h = h.to(self.device, self.dtype, non_blocking=True)
         self.attention.plan(meta)
         extra = self.model.prepare(meta)
         for i in range(self.lo, self.hi):
