@@ -176,7 +176,8 @@ if [ -n "$PY_RUN" ] && [ -x "$PY_RUN" ]; then
     --out "$RES/model_step_project_fp32.json"
   step model_step_1b 170 "$PY_RUN" "$WORK/py/model_step_gpu.py" "$RES/model_step_1b.json"
   step attn_bench 75 "$PY_RUN" "$WORK/py/attn_bench.py" "$RES/attn.json"
-  step stack_smoke 100 "$PY_RUN" -m services.cli demo --stages 2 --set model.device=cuda \
+  # no HTTP front door (not a GPU matter, and it needs fastapi/uvicorn a bare GPU host may lack)
+  step stack_smoke 100 "$PY_RUN" -m services.cli demo --stages 2 --set model.device=cuda --set endpoints.http= \
     --set cache.num_gpu_blocks=32 --set cache.headroom_blocks=4 --set cache.num_host_blocks=512 --set scheduler.profile= \
     --requests 24 --log-level info
   reap
