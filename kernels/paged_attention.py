@@ -50,14 +50,12 @@ def pack(parts: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Te
     One pinned copy instead of a pageable blocking copy per tensor: the host queues the step and goes on,
     and the caching host allocator keeps the buffer until the copy has read it.
     """
-    flat = [t.reshape(-1).to(torch.long) for t in parts.values()]
-    host = torch.empty(sum(t.numel() for t in flat), dtype=torch.long, pin_memory=device.type == "cuda")
+    flat = [(t if t.dtype == torch.long else t.long()).reshape(-1) for t in parts.values()]
+    sizes = [t.numel() for t in flat]
+    host = torch.empty(sum(sizes), dtype=torch.long, pin_memory=device.type == "cuda")
     torch.cat(flat, out=host)
     buffer = host.to(device, non_blocking=True)
-    views, at = {}, 0
-    for name, t in parts.items():
-        views[name] = buffer[at:at + t.numel()].view(t.shape)
-        at += t.numel()
+    views = {name: v.view(t.shape) for (name, t), v in zip(parts.items(), buffer.split(sizes))}
     return buffer, views
 
 
