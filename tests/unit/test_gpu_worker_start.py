@@ -13,6 +13,15 @@ from workers.copy_executor import CpuCopyExecutor, startup
 from workers.service import StageWorker
 
 
+@pytest.fixture(autouse=True)
+def process_settings():
+    """from_config tunes the process (threads, GIL switch interval) for a worker; give the test process back."""
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    yield
+    torch.set_num_threads(threads)
+    sys.setswitchinterval(interval)
+
+
 @pytest.fixture
 def make_config(tmp_path):
     def make(*overrides):
