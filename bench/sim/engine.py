@@ -1,10 +1,12 @@
-"""Discrete-event simulation of the scheduler's iteration loop over a cost model and a memory model.
+"""Discrete-event simulation of the serving loop over a cost model and a memory model.
 
-The loop is the real scheduler's: pick a batch with the policy (the same class the service uses),
-make it memory-feasible, run it, then feed back sampled tokens and account service. Time comes
-from the cost model. With S pipeline stages a batch takes iteration_time / S per stage and up to
-S disjoint batches are in flight: a new batch starts whenever stage 0 is free, from the jobs that
-are not already in flight.
+The loop is the scheduler service's own: the simulator drives `SchedulerCore` (the class the
+scheduler process runs, with the same policy object) through its iteration contract. Each step the
+core decides goes through the memory model (the KV manager's planner in `kv` mode), the core hears
+which jobs were held or dropped, the runnable jobs compute for the cost model's time, and the core
+takes their output: one token per job, the end-of-sequence token at the job's true length. Time comes
+from the cost model. With S pipeline stages a batch takes iteration_time / S per stage and up to S
+disjoint batches are in flight: a new step starts whenever stage 0 is free.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from bench.costmodel import CostModel
 from bench.metrics import RequestRecord
 from bench.sim.memory import Memory, UnlimitedMemory
 from bench.workloads import Request, Workload
-from services.scheduler.job import Job, JobStatus
+from common.messages import SubmitJob
+from services.scheduler.core import SchedulerCore, Step, StepOutput
+from services.scheduler.job import Job
 from services.scheduler.policies.base import Policy
 
-# Attempts per iteration to find a batch when the memory model holds back every picked job.
-MAX_PICKS = 4
+# Steps in a row that run nothing (every picked job held back) before the loop waits for time to pass.
+MAX_EMPTY_STEPS = 4
+EOS, TOKEN = 0, 1  # the simulated vocabulary: a job samples TOKEN until its true length, then EOS
 
 
 @dataclass
@@ -35,7 +40,8 @@ class SimResult:
 @dataclass(eq=False)
 class _InFlight:
     done_s: float
-    batch: list[Job]
+    batch_id: int
+    jobs: list[Job]
     iteration_s: float
 
 
@@ -51,10 +57,11 @@ class Simulator:
         self.memory = memory or UnlimitedMemory()
         self.stages = cost.num_stages
         self.max_context = int(workload.info.get("max_context", 0) or 0)  # 0: no bound, max_tokens = output
+        self.core = SchedulerCore(policy, self.stages, (EOS,), send_run_order=self.memory.needs_order,
+                                  keep_tokens=False)
         policy.set_limits(self.stages, self.memory.capacity())
         self.stage_free = [0.0] * self.stages
-        self.in_flight: set[int] = set()
-        self.ran_last: dict[int, Job] = {}  # jobs whose last batch finished and that could run again
+        self.jobs: dict[int, Job] = {}  # live jobs, by id
         self.events: list[tuple[float, int, _InFlight]] = []  # batch completions
         self.seq = 0
         self.first_scheduled: dict[int, float] = {}
@@ -64,36 +71,15 @@ class Simulator:
         self.busy_s = 0.0
         self.batch_jobs = 0
         self.decision_s = 0.0
+        self.empty_steps = 0  # steps in a row that ran nothing at the current time
+        self.empty_at = -1.0
         self.stuck_since: float | None = None
-        self.held: set[int] = set()  # held back by memory since memory last changed
-
-    def can_run(self, job: Job) -> bool:
-        return job.job_id not in self.in_flight and job.job_id not in self.held
-
-    def pick(self, t: float) -> tuple[list[Job], float]:
-        """The policy's batch after the memory model. As in the scheduler service, jobs the memory
-        model holds back are not picked again until memory changes (a copy lands, a job finishes,
-        or the loop stalls); if every picked job is held the policy is asked again at once, a
-        bounded number of times (the service would send an empty iteration instead)."""
-        if self.memory.poll(t):
-            self.held.clear()
-        for _ in range(MAX_PICKS):
-            t0 = time.perf_counter()
-            picked = self.policy.schedule(t, self.can_run)
-            self.decision_s += time.perf_counter() - t0
-            batch, swap_s = self.memory.prepare(picked, self.policy, self.in_flight, t)
-            if len(batch) < len(picked):
-                ran = {job.job_id for job in batch}
-                self.held.update(job.job_id for job in picked if job.job_id not in ran)
-            if batch or not picked:
-                return batch, swap_s
-        return [], 0.0
 
     def run(self) -> SimResult:
         wall = time.perf_counter()
         requests = self.workload.requests
         n, i, now = len(requests), 0, 0.0
-        while i < n or self.events or len(self.policy):
+        while i < n or self.events or not self.core.idle:
             t = max(now, self.stage_free[0])
             while i < n and requests[i].arrival_s <= t or self.events and self.events[0][0] <= t:
                 if self.events and (i >= n or self.events[0][0] <= requests[i].arrival_s):
@@ -102,7 +88,7 @@ class Simulator:
                     self.arrive(requests[i])
                     i += 1
             if self.launch(t):
-                now, self.stuck_since = t, None
+                now = t
                 continue
             # nothing can run now: jump to the next arrival or completion
             nxt = min(
@@ -111,11 +97,9 @@ class Simulator:
                 self.memory.next_ready_s(),
             )
             if nxt == float("inf"):
-                if not len(self.policy):
+                if self.core.idle:
                     break
                 nxt = self.wait_for_policy(t)
-            if not self.events and self.memory.next_ready_s() == float("inf"):
-                self.held.clear()  # stalled: nothing in flight or moving, so ask the held jobs again
             now = nxt
         return SimResult(self.records, self.rejected, self.summary(time.perf_counter() - wall))
 
@@ -126,92 +110,85 @@ class Simulator:
         if self.stuck_since is None:
             self.stuck_since = t
         if t - self.stuck_since > config.starvation_limit_s + 2 * config.starvation_check_s:
-            held = len(self.policy)
-            raise RuntimeError(f"simulation stuck at t={t:.3f}s: {held} jobs held, none can run and nothing in flight")
+            raise RuntimeError(f"simulation stuck at t={t:.3f}s: {len(self.jobs)} jobs held, none can run and nothing in flight")
         return t + config.starvation_check_s
 
     def arrive(self, request: Request) -> None:
         # A client does not know the output length: it bounds it by what the context has left (as
         # the paper's Orca reserves for); the job ends at its true length, which only the oracle sees.
         max_tokens = max(request.output_len, self.max_context - request.input_len)
-        job = Job(
-            job_id=request.request_id,
-            arrival_s=request.arrival_s,
-            prompt_len=request.input_len,
-            max_tokens=max_tokens,
-            oracle_output_len=request.output_len,
-        )
-        if not self.memory.admit(job):
-            job.status = JobStatus.FAILED
-            self.rejected.append(job.job_id)
+        if not self.memory.admit(request.input_len + max_tokens):
+            self.rejected.append(request.request_id)
             return
-        self.policy.add(job, request.arrival_s)
+        msg = SubmitJob(request.request_id, [], max_tokens, 0.0, 0, 1.0, None, [], False)
+        job = self.core.submit(msg, request.arrival_s, prompt_len=request.input_len,
+                               oracle_output_len=request.output_len)
+        self.jobs[job.job_id] = job
 
     def launch(self, t: float) -> bool:
-        """Pick, make memory-feasible and start one batch at time t; False when nothing can run."""
-        batch, swap_s = self.pick(t)
-        if not batch:
+        """Let the core decide one step at time t, plan its memory and start its compute; False when
+        there is nothing to start now."""
+        if t != self.empty_at:
+            self.empty_steps, self.empty_at = 0, t
+        if self.empty_steps >= MAX_EMPTY_STEPS:
             return False
-        for job in self.ran_last.values():
-            if job not in batch:
-                job.status = JobStatus.PREEMPTED
-                job.preemptions += 1
-        self.ran_last.clear()
+        if self.memory.poll(t):
+            self.core.kv_changed(self.memory.copies_in_flight(), [])
+        t0 = time.perf_counter()
+        step = self.core.schedule(t)
+        self.decision_s += time.perf_counter() - t0
+        if step is None:
+            return False
+        rows, held, dropped, wait_s = self.memory.plan(step, t)
+        self.core.planned(step.batch_id, held, dropped, self.memory.copies_in_flight())
+        if not rows:  # housekeeping, or every picked job held back: the step ends at once
+            self.empty_steps += bool(step.job_ids)
+            self.core.update(StepOutput(step.batch_id, [], [], 0.0), t)
+            return True
+        self.start(step, rows, t + wait_s, t)
+        return True
+
+    def start(self, step: Step, rows: tuple[int, ...], ready: float, t: float) -> None:
+        """The runnable jobs of a step compute through the stages, once their uploads have landed."""
+        batch = [self.jobs[step.job_ids[r]] for r in rows]
         prefill, decode = [], []
         for job in batch:
             if job.is_prefill:
                 prefill.append(job.num_new_tokens)
             else:
                 decode.append(job.context_len)
+            self.first_scheduled.setdefault(job.job_id, t)
         iteration_s = self.cost.iteration_time(prefill, decode)
         stage_s = iteration_s / self.stages
-        # swaps ride on their own stream; a batch cannot start before its uploads have landed
-        ready = t + swap_s
         for k in range(self.stages):
             ready = max(ready, self.stage_free[k]) + stage_s
             self.stage_free[k] = ready
-        for job in batch:
-            self.in_flight.add(job.job_id)
-            self.first_scheduled.setdefault(job.job_id, t)
-            job.status = JobStatus.RUNNING
+        self.stuck_since = None
         self.iterations += 1
         self.busy_s += iteration_s
         self.batch_jobs += len(batch)
         self.seq += 1
-        heapq.heappush(self.events, (ready, self.seq, _InFlight(ready, batch, iteration_s)))
-        return True
+        heapq.heappush(self.events, (ready, self.seq, _InFlight(ready, step.batch_id, batch, iteration_s)))
 
     def complete(self, flight: _InFlight) -> None:
         now = flight.done_s
-        for job in flight.batch:
-            self.in_flight.discard(job.job_id)
-            job.num_computed = job.context_len
-            job.num_generated += 1
-            if job.first_token_s is None:
-                job.first_token_s = now
-        self.policy.update(flight.batch, flight.iteration_s, now)
-        for job in flight.batch:
-            if job.num_generated >= job.expected_output_len:
-                job.status = JobStatus.FINISHED
-                job.finish_s = now
-                self.policy.remove(job)
-                self.memory.release(job)
-                self.records.append(self.record(job))
-                self.held.clear()  # its KV is freed: held jobs may fit now
-            else:
-                self.ran_last[job.job_id] = job
+        tokens = [EOS if job.num_generated + 1 >= job.expected_output_len else TOKEN for job in flight.jobs]
+        out = StepOutput(flight.batch_id, [job.job_id for job in flight.jobs], tokens, flight.iteration_s)
+        for event in self.core.update(out, now):
+            if event.finish_reason:
+                self.records.append(self.record(self.jobs.pop(event.job_id)))
 
     def record(self, job: Job) -> RequestRecord:
         return RequestRecord(
             request_id=job.job_id,
             arrival_s=job.arrival_s,
-            first_scheduled_s=self.first_scheduled[job.job_id],
+            first_scheduled_s=self.first_scheduled.pop(job.job_id),
             first_token_s=job.first_token_s,
             finish_s=job.finish_s,
             input_len=job.prompt_len,
             output_len=job.num_generated,
             preemptions=job.preemptions,
-            swaps=self.memory.swaps_of(job),
+            swaps=self.memory.swaps_of(job.job_id),
         )
 
     def summary(self, wall_s: float) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Finite KV memory for the simulator: the real KV planner and books, with copies timed by the cost model.
 
-Every iteration the picked batch goes through `services.kvcache.Planner.plan` exactly as the KV
+Every step the scheduler core decides goes through `services.kvcache.Planner.plan_step` exactly as the KV
 manager does it: jobs may be held back, offloads and uploads are started, and (in recompute mode)
 KV is dropped. Copies run on one host-device link per direction, each taking
 `cost.swap_time(blocks * block_size)`; a copy is acknowledged for every stage when it completes.
@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections import Counter
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
 from bench.costmodel import CostModel
 from common.config import CacheConfig, SchedulerConfig
 from services.kvcache.books import Direction, KVBooks
 from services.kvcache.planner import Planner
+from bench.sim.memory import StepMemory
+from services.scheduler.core import Step
 from services.scheduler.job import Job
-from services.scheduler.policies.base import Policy
 from services.scheduler.policies.starts import Capacity
 
 # Host pool size relative to the device pool when the device pool comes from a roofline's
@@ -40,8 +41,8 @@ class KVMemory:
         self.swaps: Counter[int] = Counter()
         self.rejected = 0
 
-    def admit(self, job: Job) -> bool:
-        if self.planner.can_ever_fit(job.prompt_len + job.max_tokens):
+    def admit(self, num_tokens: int) -> bool:
+        if self.planner.can_ever_fit(num_tokens):
             return True
         self.rejected += 1
         return False
@@ -60,16 +61,14 @@ class KVMemory:
             landed = True
         return landed
 
-    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
-        self.poll(now)
-        if not batch:
-            return batch, 0.0
-        tokens = {job.job_id: job.context_len for job in batch}
-        order = policy.run_order(now) if self.needs_order(tokens) else []
-        plan = self.planner.plan(tokens, [j.job_id for j in order], in_flight)
-        by_id = {job.job_id: job for job in order} if plan.dropped else {}
-        for job_id in plan.dropped:
-            by_id[job_id].num_computed = 0  # resumes by recomputing prompt + generated tokens
+    def copies_in_flight(self) -> int:
+        return len(self.done_at)
+
+    def plan(self, step: Step, now: float) -> StepMemory:
+        """The KV manager's answer to a step (`Planner.plan_step`), with copies timed on the links."""
+        planned = self.planner.plan_step(step.freed_job_ids, step.job_ids, step.context_lens,
+                                         step.num_new_tokens, step.run_order, step.in_flight_job_ids)
+        plan = planned.plan
         for op in (*plan.swap_out, *plan.swap_in):
             start = max(now, self.link_free[op.direction])
             seconds = self.cost.swap_time(len(op.pairs) * self.books.block_size)
@@ -83,27 +82,24 @@ class KVMemory:
             entry = self.books.get(job_id)
             if entry.op_id is not None:
                 wait = max(wait, self.done_at[entry.op_id] - now)
-        return [job for job in batch if job.job_id in plan.block_tables], wait
+        return planned.rows, list(planned.held), list(plan.dropped), wait
 
-    def needs_order(self, tokens: dict[int, int]) -> bool:
+    def needs_order(self, picked: list[Job]) -> bool:
         """Whether the plan can depend on the run order. It cannot while nothing is on the host or
         moving and the batch's new blocks leave the headroom free: then the planner neither offloads
         nor uploads, so the O(n) run order is skipped (the plan is the same without it)."""
         books = self.books
         if books.host.num_used or self.copies or books.releasing:
             return True
-        need = sum(books.extra_blocks(job_id, n) for job_id, n in tokens.items())
+        need = sum(books.extra_blocks(job.job_id, job.context_len) for job in picked)
         return books.device.num_free - need <= self.planner.headroom
-
-    def release(self, job: Job) -> None:
-        self.planner.free(job.job_id)
 
     def capacity(self) -> Capacity:
         books = self.books
         return Capacity(books.device.num_blocks, books.host.num_blocks, books.block_size, self.planner.headroom)
 
-    def swaps_of(self, job: Job) -> int:
-        return self.swaps.pop(job.job_id, 0)
+    def swaps_of(self, job_id: int) -> int:
+        return self.swaps.pop(job_id, 0)
 
     def stats(self) -> dict[str, Any]:
         s = self.planner.stats()

@@ -1,23 +1,29 @@
-"""Memory models of the simulator: where a batch's KV lives and what moving it costs."""
+"""Memory models of the simulator: where a step's KV lives and what moving it costs."""
 
 from __future__ import annotations
 
-from typing import Any, Collection, Protocol
+from typing import Any, Protocol
 
+from services.scheduler.core import Step
 from services.scheduler.job import Job
-from services.scheduler.policies.base import Policy
 from services.scheduler.policies.starts import Capacity
+
+# What a memory model answers for one step: the rows that run, the jobs held back, the jobs whose KV
+# was dropped, and the seconds the compute waits for uploads.
+StepMemory = tuple[tuple[int, ...], list[int], list[int], float]
 
 
 class Memory(Protocol):
-    def admit(self, job: Job) -> bool:
-        """False when the job can never fit (it is then rejected, as the real admission does)."""
+    def admit(self, num_tokens: int) -> bool:
+        """False when a job of this many tokens (prompt + max_tokens) can never fit: it is rejected."""
 
-    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
-        """The part of `batch` that can run now, and the seconds of swap-in it must wait for."""
+    def plan(self, step: Step, now: float) -> StepMemory:
+        """Free the step's ended jobs and plan its KV, as the KV manager does with a ScheduleBatch."""
 
-    def release(self, job: Job) -> None:
-        """The job finished: free its KV."""
+    def needs_order(self, picked: list[Job]) -> bool:
+        """Whether the plan of these picked jobs can depend on the run order (else it is not built)."""
+
+    def copies_in_flight(self) -> int: ...
 
     def poll(self, now: float) -> bool:
         """Complete the copies due by `now`; True when memory changed (held jobs may fit)."""
@@ -25,7 +31,7 @@ class Memory(Protocol):
     def next_ready_s(self) -> float:
         """When the earliest copy in flight completes (inf if none): a time worth waking up at."""
 
-    def swaps_of(self, job: Job) -> int: ...
+    def swaps_of(self, job_id: int) -> int: ...
 
     def capacity(self) -> Capacity | None:
         """The pools the policy bounds starts by; None when memory is not the limit."""
@@ -36,14 +42,17 @@ class Memory(Protocol):
 class UnlimitedMemory:
     """Every job's KV stays on the device: no holds, no swaps (an upper bound on what memory allows)."""
 
-    def admit(self, job: Job) -> bool:
+    def admit(self, num_tokens: int) -> bool:
         return True
 
-    def prepare(self, batch: list[Job], policy: Policy, in_flight: Collection[int], now: float) -> tuple[list[Job], float]:
-        return batch, 0.0
+    def plan(self, step: Step, now: float) -> StepMemory:
+        return tuple(range(len(step.job_ids))), [], [], 0.0
 
-    def release(self, job: Job) -> None:
-        pass
+    def needs_order(self, picked: list[Job]) -> bool:
+        return False
+
+    def copies_in_flight(self) -> int:
+        return 0
 
     def poll(self, now: float) -> bool:
         return False
@@ -51,7 +60,7 @@ class UnlimitedMemory:
     def next_ready_s(self) -> float:
         return float("inf")
 
-    def swaps_of(self, job: Job) -> int:
+    def swaps_of(self, job_id: int) -> int:
         return 0
 
     def capacity(self) -> Capacity | None:

@@ -12,6 +12,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from services.kvcache.books import JobId, KVBooks, Residency, SwapOp
 
 MODES = ("proactive", "reactive", "recompute", "defer")
@@ -31,6 +33,25 @@ class Plan:
     @property
     def run(self) -> tuple[JobId, ...]:
         return tuple(self.block_tables)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A plan for one scheduler step, by row: which rows run, and what the scheduler must hear back."""
+
+    rows: tuple[int, ...]  # indices into the step's job columns of the jobs that run, in order
+    plan: Plan
+    held: tuple[JobId, ...]  # stale picks first (KV dropped since they were picked), then the plan's holds
+    free_blocks: int  # device blocks free after the plan
+    copies_in_flight: int  # swap ops not yet acknowledged by every stage
+
+
+def cut_rows(input_ids: Any, num_new_tokens: Sequence[int], rows: Sequence[int]) -> Any:
+    """The new tokens of the given rows, concatenated (the input of the jobs that run)."""
+    if len(rows) == len(num_new_tokens):
+        return input_ids
+    offsets = np.cumsum([0, *num_new_tokens])
+    return np.concatenate([input_ids[offsets[i] : offsets[i + 1]] for i in rows] or [input_ids[:0]])
 
 
 @dataclass
@@ -80,6 +101,30 @@ class Planner:
         return cls(books, cache.swap, cache.headroom_blocks, config.scheduler.max_jobs, cache.upload_wait)
 
     # ---- the iteration -------------------------------------------------------------------------
+    def plan_step(self, freed: Iterable[JobId], job_ids: Sequence[JobId], context_lens: Sequence[int],
+                  num_new_tokens: Sequence[int], run_order: Sequence[JobId] = (),
+                  in_flight: Collection[JobId] = ()) -> StepPlan:
+        """One scheduler step as the KV manager and the simulator both take it: free the ended jobs,
+        skip stale picks, plan the rest.
+
+        A pick is stale when the context the scheduler saw differs from the KV the books hold: the job's
+        KV was dropped (recompute mode, a lost device pool) after it was picked. It is held; the scheduler
+        has learned of the drop and resends it as a recompute.
+        """
+        for job_id in freed:
+            self.free(job_id)
+        stale, wanted = [], {}
+        for job_id, context_len, n in zip(job_ids, context_lens, num_new_tokens):
+            entry = self.books.get(job_id)
+            held_tokens = 0 if entry is None or entry.state is Residency.DROPPED else entry.num_tokens
+            if context_len != held_tokens:
+                stale.append(job_id)
+            else:
+                wanted[job_id] = context_len + n
+        plan = self.plan(wanted, run_order, in_flight)
+        rows = tuple(i for i, job_id in enumerate(job_ids) if job_id in plan.block_tables)
+        return StepPlan(rows, plan, (*stale, *plan.held), self.books.device.num_free, len(self.books.pending_ops()))
+
     def plan(
         self,
         batch: Mapping[JobId, int] | Iterable[tuple[JobId, int]],

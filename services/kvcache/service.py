@@ -29,8 +29,8 @@ from common.messages import (
     SwapDone,
 )
 from common.messages import SwapOp as WireSwapOp
-from services.kvcache.books import Residency, SwapOp
-from services.kvcache.planner import Planner
+from services.kvcache.books import SwapOp
+from services.kvcache.planner import Planner, cut_rows
 
 INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Ready, Exit)
 
@@ -117,29 +117,14 @@ class KVCacheManager:
 
     async def plan_batch(self, msg: ScheduleBatch) -> None:
         self.log.debug("batch_received", batch_id=msg.batch_id, t=time.time())
-        for job_id in msg.freed_job_ids:
-            self.planner.free(job_id)
-        books = self.planner.books
-        stale, wanted = [], {}
-        for job_id, context_len, n in zip(msg.job_ids, msg.context_lens, msg.num_new_tokens):
-            entry = books.get(job_id)
-            held_tokens = 0 if entry is None or entry.state is Residency.DROPPED else entry.num_tokens
-            if context_len != held_tokens:
-                stale.append(job_id)  # picked before its KV was dropped: skip; the scheduler resends it
-            else:
-                wanted[job_id] = context_len + n
-        plan = self.planner.plan(wanted, msg.run_order, msg.in_flight_job_ids)
-        held = stale + list(plan.held)
+        step = self.planner.plan_step(msg.freed_job_ids, msg.job_ids, msg.context_lens, msg.num_new_tokens,
+                                      msg.run_order, msg.in_flight_job_ids)
+        plan, rows = step.plan, step.rows
         await sockets.send(
             self.send_to_scheduler,
-            BatchPlanned(msg.batch_id, held, list(plan.dropped), books.device.num_free, len(books.pending_ops())),
+            BatchPlanned(msg.batch_id, list(step.held), list(plan.dropped), step.free_blocks, step.copies_in_flight),
         )
-        rows = [i for i, job_id in enumerate(msg.job_ids) if job_id in plan.block_tables]
-        offsets = np.cumsum([0, *msg.num_new_tokens])
-        if len(rows) == len(msg.job_ids):
-            input_ids = msg.input_ids
-        else:
-            input_ids = np.concatenate([msg.input_ids[offsets[i] : offsets[i + 1]] for i in rows] or [msg.input_ids[:0]])
+        input_ids = cut_rows(msg.input_ids, msg.num_new_tokens, rows)
         job_ids = [msg.job_ids[i] for i in rows]
         await sockets.send(
             self.send_to_stage0,

@@ -1,28 +1,56 @@
 """The scheduler's pure core: the job pool, batches in flight, token accounting and finishing rules.
 
-No sockets and no clock: every method takes `now` (seconds) and returns the messages to send. The
-service around it only moves messages; tests drive it with a fake pipeline.
+The iteration contract (as vLLM V1's schedule() / update_from_output()): `schedule(now)` returns a
+plain `Step` (the jobs of one iteration, their new tokens, context lengths, sampling, and the KV to
+free), `planned(...)` takes what the KV side held back or dropped, and `update(StepOutput, now)`
+takes the sampled tokens and returns the job events. No sockets and no clock: the scheduler service
+translates to and from wire messages, the simulator (`bench/sim/engine.py`) feeds modelled outputs,
+and tests drive it with a fake pipeline. All three run this one loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from common.messages import (
-    BatchPlanned,
-    BatchResult,
-    BatchSampling,
-    JobEvent,
-    KVCapacity,
-    KVChanged,
-    ScheduleBatch,
-    SubmitJob,
-)
+from common.messages import BatchSampling, JobEvent, KVCapacity, SubmitJob, TokenLogprobs
 from services.scheduler.job import Job, JobStatus
 from services.scheduler.policies.base import Policy
 from services.scheduler.policies.starts import Capacity
+
+
+@dataclass
+class Step:
+    """One iteration as the core decided it (an empty `job_ids` with frees is housekeeping)."""
+
+    batch_id: int
+    job_ids: list[int]
+    num_new_tokens: list[int]  # per job: its prompt, 1 in decode, or prompt + output after a drop
+    context_lens: list[int]  # per job: tokens already in the KV cache
+    sampling: BatchSampling
+    input_ids: np.ndarray | None  # [sum(num_new_tokens)] int64; None when the core keeps no tokens
+    freed_job_ids: list[int]  # ended jobs in no batch: their KV goes back to the pool
+    run_order: list[int]  # live job ids, soonest expected to run first (empty when not asked for)
+    in_flight_job_ids: list[int]  # jobs in batches still in the pipeline
+
+
+@dataclass
+class StepOutput:
+    """What one iteration produced: a token per job that ran, in order, or an error for all of them."""
+
+    batch_id: int
+    job_ids: list[int]
+    token_ids: list[int]
+    compute_s: float  # seconds of compute over all stages (0: the core uses the wall time it waited)
+    error: str = ""
+    failed_job_ids: list[int] = field(default_factory=list)  # jobs whose sampling failed: they alone end
+    failure: str = ""
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per job; [] = none asked
+
+    def logprobs_of(self, row: int) -> TokenLogprobs | None:
+        return self.logprobs[row] if self.logprobs else None
 
 
 @dataclass
@@ -30,10 +58,9 @@ class Entry:
     """What the scheduler keeps for one job besides the policy's view of it."""
 
     job: Job
-    tokens: list[int]  # prompt, then every sampled token
+    tokens: list[int] | None  # prompt, then every sampled token; None when the core keeps no tokens
     sampling: SubmitJob
     stop_ids: frozenset[int]
-    sent: int = 0  # output tokens already sent to ingress
 
 
 @dataclass
@@ -65,10 +92,13 @@ class SchedulerCore:
     """Job pool and iteration bookkeeping around a policy; at most `num_stages` batches in flight."""
 
     def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = (),
-                 send_run_order: bool = True) -> None:
+                 send_run_order: bool | Callable[[list[Job]], bool] = True, keep_tokens: bool = True) -> None:
         self.policy = policy
+        self.keep_tokens = keep_tokens  # the simulator has no token ids to move: lengths only
         policy.set_limits(num_stages, None)  # the KV capacity comes with the KV manager's report
-        self.send_run_order = send_run_order  # only swapping needs it; it is O(jobs) per batch
+        # Only swapping needs the run order, and it is O(jobs) per step: a flag, or a test of the picked
+        # jobs (the simulator skips it while its plan cannot depend on the order).
+        self.send_run_order = send_run_order
         self.num_stages = num_stages
         self.eos_token_ids = frozenset(eos_token_ids)
         self.entries: dict[int, Entry] = {}
@@ -84,18 +114,23 @@ class SchedulerCore:
 
     # --- jobs in -------------------------------------------------------------------------------
 
-    def submit(self, msg: SubmitJob, now: float) -> list[JobEvent]:
+    def submit(self, msg: SubmitJob, now: float, prompt_len: int | None = None,
+               oracle_output_len: int | None = None) -> Job | None:
+        """Admit a job; None when its id is already live. Without token ids (`keep_tokens` off) the
+        prompt is `prompt_len` tokens long; `oracle_output_len` is the true length (simulator only)."""
         if msg.job_id in self.entries:
             # Ingress assigns job ids, so a second live one is forged or stale: answering with an error
             # under that id would end the innocent live job. It is dropped (the service logs it).
             self.counters.rejected += 1
-            return []
-        job = Job(msg.job_id, now, len(msg.prompt_ids), msg.max_tokens)
+            return None
+        n = len(msg.prompt_ids) if prompt_len is None else prompt_len
+        job = Job(msg.job_id, now, n, msg.max_tokens, oracle_output_len=oracle_output_len)
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(self.eos_token_ids))
-        self.entries[msg.job_id] = Entry(job, list(msg.prompt_ids), msg, frozenset(stop))
+        tokens = list(msg.prompt_ids) if self.keep_tokens else None
+        self.entries[msg.job_id] = Entry(job, tokens, msg, frozenset(stop))
         self.policy.add(job, now)
         self.counters.submitted += 1
-        return []
+        return job
 
     def cancel(self, job_id: int, now: float) -> list[JobEvent]:
         entry = self.entries.get(job_id)
@@ -122,61 +157,72 @@ class SchedulerCore:
     def can_send(self) -> bool:
         return len(self.in_flight) < self.num_stages
 
-    def next_batch(self, now: float) -> ScheduleBatch | None:
-        """The next batch to send, a housekeeping message when only frees are pending, or None."""
+    def schedule(self, now: float) -> Step | None:
+        """The next iteration, a housekeeping step when only frees are pending, or None."""
         if not self.can_send():
             return None
         picked = self.policy.schedule(now, self._can_run) if self.entries else []
-        if not picked and self.blocked and not self.in_flight and not self.copies_in_flight:
-            # Nothing runs and no memory event is coming: jobs held back for room try again now
-            # (a decision passes over a bounded number of held jobs, so many could hide the rest).
-            self.blocked.clear()
+        if not picked and self._retry_held(stalled=True):
             picked = self.policy.schedule(now, self._can_run)
         if not picked and not self.to_free:
             return None
         batch_id = self.next_batch_id
         self.next_batch_id += 1
-        in_flight = sorted(self.busy)  # before this batch's jobs join it
-        job_ids, new, context, inputs = [], [], [], []
-        sampling = BatchSampling([], [], [], [], [])
+        in_flight = list(self.busy)  # before this batch's jobs join it
+        entries = self.entries
+        job_ids = [job.job_id for job in picked]
+        context = [job.num_computed for job in picked]
+        new = [job.prompt_len + job.num_generated - job.num_computed for job in picked]  # num_new_tokens
+        params = [entries[job_id].sampling for job_id in job_ids]
+        sampling = BatchSampling([p.temperature for p in params], [p.top_k for p in params],
+                                 [p.top_p for p in params], [p.seed for p in params],
+                                 [job.num_generated for job in picked], [p.logprobs for p in params])
+        inputs = None
+        if self.keep_tokens:
+            inputs = np.fromiter((t for job_id, c, n in zip(job_ids, context, new)
+                                  for t in entries[job_id].tokens[c : c + n]), np.int64, sum(new))
+        running = JobStatus.RUNNING
         for job in picked:
-            entry = self.entries[job.job_id]
-            n = job.num_new_tokens
-            job_ids.append(job.job_id)
-            new.append(n)
-            context.append(job.num_computed)
-            inputs.extend(entry.tokens[job.num_computed : job.num_computed + n])
-            params = entry.sampling
-            for column, value in zip(sampling.columns(), (params.temperature, params.top_k, params.top_p,
-                                                          params.seed, job.num_generated, params.logprobs)):
-                column.append(value)
-            self.busy.add(job.job_id)
-            job.status = JobStatus.RUNNING
+            job.status = running
+        self.busy.update(job_ids)
         self._count_preemptions(set(job_ids))
-        msg = ScheduleBatch(
+        step = Step(
             batch_id=batch_id,
             job_ids=job_ids,
             num_new_tokens=new,
             context_lens=context,
             sampling=sampling,
-            input_ids=np.asarray(inputs, dtype=np.int64),
+            input_ids=inputs,
             freed_job_ids=self.to_free,
-            run_order=[j.job_id for j in self.policy.run_order(now)] if picked and self.send_run_order else [],
+            run_order=[j.job_id for j in self.policy.run_order(now)] if picked and self._wants_order(picked) else [],
             in_flight_job_ids=in_flight,
         )
         self.to_free = []
-        # A housekeeping message also flows through the pipeline, so it is in flight too.
-        self.in_flight[batch_id] = InFlight(batch_id, job_ids, dict(zip(job_ids, new)), now)
-        return msg
+        # A housekeeping step also flows through the pipeline, so it is in flight too.
+        self.in_flight[batch_id] = InFlight(batch_id, list(job_ids), dict(zip(job_ids, new)), now)
+        return step
+
+    def _wants_order(self, picked: list[Job]) -> bool:
+        order = self.send_run_order
+        return order(picked) if callable(order) else order
+
+    def _retry_held(self, stalled: bool = False, memory_changed: bool = False) -> bool:
+        """The one rule for when jobs the KV side held back are asked again: memory changed (a copy
+        landed, KV was freed or lost), or the pipeline stalled (nothing in flight and no copy pending,
+        so no memory event can come). True when held jobs were released."""
+        if not self.blocked:
+            return False
+        if memory_changed or stalled and not self.in_flight and not self.copies_in_flight:
+            self.blocked.clear()
+            return True
+        return False
 
     def _can_run(self, job: Job) -> bool:
         return job.job_id not in self.busy and job.job_id not in self.blocked
 
     def _count_preemptions(self, chosen: set[int]) -> None:
         """A job that ran and is in no batch now was preempted at this iteration boundary."""
-        for job_id in list(self.running):
-            if job_id in chosen or job_id in self.busy:
-                continue
+        for job_id in self.running - chosen - self.busy:
             self.running.discard(job_id)
             entry = self.entries.get(job_id)
             if entry is not None:
@@ -187,12 +233,13 @@ class SchedulerCore:
 
     # --- results back --------------------------------------------------------------------------
 
-    def on_planned(self, msg: BatchPlanned) -> None:
-        """The KV manager left some picked jobs out: they are free to be picked again once memory changes."""
-        flight = self.in_flight.get(msg.batch_id)
+    def planned(self, batch_id: int, held_job_ids: list[int], dropped_job_ids: list[int],
+                copies_in_flight: int) -> None:
+        """The KV side left some picked jobs out: they are free to be picked again once memory changes."""
+        flight = self.in_flight.get(batch_id)
         if flight is None:
             return  # a batch lost to a stage restart: its jobs are runnable again already
-        for job_id in msg.held_job_ids:
+        for job_id in held_job_ids:
             if job_id in flight.new_tokens:
                 flight.job_ids.remove(job_id)
                 del flight.new_tokens[job_id]
@@ -201,19 +248,19 @@ class SchedulerCore:
                 if job_id in self.entries:
                     self.blocked.add(job_id)
                     self.counters.held_back += 1
-        self._recompute(msg.dropped_job_ids)
-        self.copies_in_flight = msg.copies_in_flight
+        self._recompute(dropped_job_ids)
+        self.copies_in_flight = copies_in_flight
 
     def set_capacity(self, msg: KVCapacity) -> None:
         """The KV manager's pools (sent when it starts, and again after a restart): starts follow them."""
         capacity = Capacity(msg.device_blocks, msg.host_blocks, msg.block_size, msg.headroom_blocks)
         self.policy.set_limits(self.num_stages, capacity)
 
-    def on_kv_changed(self, msg: KVChanged) -> None:
+    def kv_changed(self, copies_in_flight: int, dropped_job_ids: list[int]) -> None:
         """A copy was acknowledged or KV was lost: jobs held back may fit or be resident now."""
-        self.copies_in_flight = msg.copies_in_flight
-        self._recompute(msg.dropped_job_ids)
-        self.blocked.clear()
+        self.copies_in_flight = copies_in_flight
+        self._recompute(dropped_job_ids)
+        self._retry_held(memory_changed=True)
 
     def _recompute(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
@@ -235,12 +282,12 @@ class SchedulerCore:
         self.busy.clear()
         self.blocked.clear()
 
-    def on_result(self, msg: BatchResult, now: float) -> list[JobEvent]:
+    def update(self, msg: StepOutput, now: float) -> list[JobEvent]:
+        """Account one iteration's output: service to the policy, tokens to the jobs, finished jobs end."""
         flight = self.in_flight.pop(msg.batch_id, None)
         if flight is None:
             return []
-        for job_id in flight.job_ids:
-            self.busy.discard(job_id)
+        self.busy.difference_update(flight.job_ids)
         if msg.error:  # a stage failed on this batch: its jobs end with `internal`, the rest go on
             events = []
             for job_id in flight.job_ids:
@@ -253,25 +300,29 @@ class SchedulerCore:
         self.counters.iterations += 1
         self.counters.compute_s += msg.compute_s
         events = self._fail_sampling(msg, flight, now)
-        ran = [self.entries[j].job for j in msg.job_ids if j in self.entries]
-        iteration_s = msg.compute_s if msg.compute_s > 0 else now - flight.sent_s
-        if ran:
-            self.policy.update(ran, iteration_s, now)
-        for row, (job_id, token) in enumerate(zip(msg.job_ids, msg.token_ids)):
-            entry = self.entries.get(job_id)
+        ran, entries, new_tokens, ended = [], self.entries, flight.new_tokens, False
+        for job_id, token in zip(msg.job_ids, msg.token_ids):
+            entry = entries.get(job_id)
             if entry is None:
                 continue  # cancelled while in flight, or its sampling failed
-            event = self._advance(entry, flight.new_tokens.get(job_id, 0), token, now)
-            events.append(event.with_logprobs(msg.logprobs_of(row)))
+            ran.append(entry.job)
+            event = self._advance(entry, new_tokens.get(job_id, 0), token, now)
+            ended = ended or bool(event.finish_reason)
+            events.append(event)
+        if msg.logprobs:
+            rows = {job_id: row for row, job_id in enumerate(msg.job_ids)}
+            events = [e.with_logprobs(msg.logprobs_of(rows[e.job_id])) if e.job_id in rows and not e.error_code else e
+                      for e in events]
+        if ran:  # the policy sees the jobs as the iteration left them; those that ended are gone from it
+            iteration_s = msg.compute_s if msg.compute_s > 0 else now - flight.sent_s
+            self.policy.update([job for job in ran if job.status < JobStatus.FINISHED], iteration_s, now)
         self._release_ended(flight)
         # A finished job frees memory: held jobs may fit now. An iteration that ran nothing while no
         # other batch or copy is pending cannot be followed by any memory event, so retry then too.
-        stalled = not msg.job_ids and not self.in_flight and not self.copies_in_flight
-        if stalled or any(e.finish_reason for e in events):
-            self.blocked.clear()
+        self._retry_held(stalled=not msg.job_ids, memory_changed=ended or bool(msg.failed_job_ids))
         return events
 
-    def _fail_sampling(self, msg: BatchResult, flight: InFlight, now: float) -> list[JobEvent]:
+    def _fail_sampling(self, msg: StepOutput, flight: InFlight, now: float) -> list[JobEvent]:
         """Jobs whose sampling failed on the last stage end with `internal`; their batch-mates go on."""
         events = []
         for job_id in msg.failed_job_ids:
@@ -286,7 +337,6 @@ class SchedulerCore:
         job = entry.job
         job.num_computed += computed
         job.num_generated += 1
-        entry.tokens.append(token)
         self.counters.tokens += 1
         if job.first_token_s is None:
             job.first_token_s = now
@@ -295,12 +345,12 @@ class SchedulerCore:
             reason = "stop"
         elif job.num_generated >= job.max_tokens:
             reason = "length"
-        new = entry.tokens[len(entry.tokens) - (job.num_generated - entry.sent) :]
-        entry.sent = job.num_generated
+        if entry.tokens is not None:
+            entry.tokens.append(token)  # the input of the next iteration, or of a recompute
         if reason:
             self._end(entry, JobStatus.FINISHED, now)
             self.counters.finished += 1
-        return JobEvent(job.job_id, new, reason, "", "")
+        return JobEvent(job.job_id, [token], reason, "", "")
 
     def _end(self, entry: Entry, status: JobStatus, now: float) -> None:
         job = entry.job

@@ -18,11 +18,12 @@ from common.messages import (
     KVCapacity,
     KVChanged,
     Ready,
+    ScheduleBatch,
     Stats,
     StatsRequest,
     SubmitJob,
 )
-from services.scheduler.core import SchedulerCore
+from services.scheduler.core import SchedulerCore, Step, StepOutput
 from services.scheduler.policies import make_policy
 
 INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, KVCapacity, Ready, Exit)
@@ -101,9 +102,10 @@ class Scheduler:
     async def pump(self) -> None:
         """Fill the pipeline: up to one batch in flight per stage."""
         while True:
-            batch = self.core.next_batch(self.clock())
-            if batch is None:
+            step = self.core.schedule(self.clock())
+            if step is None:
                 return
+            batch = to_wire(step)
             await sockets.send(self.send_to_kvcache, batch)
             self.log.debug("batch_sent", batch_id=batch.batch_id, jobs=len(batch.job_ids), t=time.time())
 
@@ -118,24 +120,24 @@ class Scheduler:
     async def on_submit(self, msg: SubmitJob) -> None:
         if msg.job_id in self.core.entries:
             self.log.warning("duplicate_submit_dropped", job_id=msg.job_id)
-        await self.emit(self.core.submit(msg, self.clock()))
+        self.core.submit(msg, self.clock())
 
     async def on_cancel(self, msg: CancelJob) -> None:
         await self.emit(self.core.cancel(msg.job_id, self.clock()))
 
     async def on_planned(self, msg: BatchPlanned) -> None:
-        self.core.on_planned(msg)
+        self.core.planned(msg.batch_id, msg.held_job_ids, msg.dropped_job_ids, msg.copies_in_flight)
 
     async def on_result(self, msg: BatchResult) -> None:
         self.log.debug("batch_result", batch_id=msg.batch_id, t=time.time())
         if msg.error:
             self.log.error("batch_failed", batch_id=msg.batch_id, error=msg.error)
-        events = self.core.on_result(msg, self.clock())
+        events = self.core.update(from_wire(msg), self.clock())
         await self.pump()  # the next batch goes out before the tokens: the pipeline never waits on clients
         await self.emit(events)
 
     async def on_kv_changed(self, msg: KVChanged) -> None:
-        self.core.on_kv_changed(msg)
+        self.core.kv_changed(msg.copies_in_flight, msg.dropped_job_ids)
 
     async def on_kv_capacity(self, msg: KVCapacity) -> None:
         self.log.info("kv_capacity", device_blocks=msg.device_blocks, host_blocks=msg.host_blocks,
@@ -173,3 +175,13 @@ class Scheduler:
         for sock in (self.recv_inbox, self.send_to_kvcache, self.send_to_ingress, self.send_to_control):
             if sock is not None:
                 sock.close(linger=0)
+
+
+def to_wire(step: Step) -> ScheduleBatch:
+    return ScheduleBatch(step.batch_id, step.job_ids, step.num_new_tokens, step.context_lens, step.sampling,
+                         step.input_ids, step.freed_job_ids, step.run_order, step.in_flight_job_ids)
+
+
+def from_wire(msg: BatchResult) -> StepOutput:
+    return StepOutput(msg.batch_id, msg.job_ids, msg.token_ids, msg.compute_s, msg.error, msg.failed_job_ids,
+                      msg.failure, msg.logprobs)

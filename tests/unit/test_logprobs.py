@@ -12,6 +12,7 @@ from common.config import SchedulerConfig
 from common.messages import BatchResult, BatchSampling, JobEvent, SubmitJob, TokenLogprobs
 from services.scheduler.core import SchedulerCore
 from services.scheduler.policies import make_policy
+from services.scheduler.service import from_wire
 from workers.model.logprobs import FLOOR, token_logprobs
 
 
@@ -58,11 +59,11 @@ def test_the_scheduler_asks_per_job_and_forwards_each_tokens_logprobs():
     core = SchedulerCore(make_policy(SchedulerConfig(policy="fcfs")), 1, ())
     core.submit(SubmitJob(1, [7, 8], 4, 0.0, 0, 1.0, None, [], False, logprobs=2), 0.0)
     core.submit(SubmitJob(2, [9], 4, 0.0, 0, 1.0, None, [], False), 0.0)
-    batch = core.next_batch(0.0)
+    batch = core.schedule(0.0)
     assert batch.sampling.logprobs == [2, None]
     entry = TokenLogprobs(-0.5, [11, 12], [-0.5, -1.5])
     result = BatchResult(batch.batch_id, [1, 2], [11, 3], 0.01, "", logprobs=[entry, None])
     assert codec.decode(codec.encode(result)) == result
-    first, second = core.on_result(result, 0.1)
+    first, second = core.update(from_wire(result), 0.1)
     assert (first.job_id, first.token_ids, first.logprobs) == (1, [11], [entry])
     assert (second.job_id, second.logprobs) == (2, [])

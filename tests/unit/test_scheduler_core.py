@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from common.config import SchedulerConfig
-from common.messages import BatchPlanned, BatchResult, KVChanged, SubmitJob
-from services.scheduler.core import SchedulerCore
+from common.messages import SubmitJob
+from services.scheduler.core import SchedulerCore, StepOutput
 from services.scheduler.policies import make_policy
 
 EOS = 257
@@ -20,27 +20,27 @@ def make_core(policy: str = "fcfs", stages: int = 1, **knobs) -> SchedulerCore:
     return SchedulerCore(make_policy(SchedulerConfig(policy=policy, **knobs)), stages, (EOS,))
 
 
-def result(batch, tokens: list[int], compute_s: float = 0.01) -> BatchResult:
-    return BatchResult(batch.batch_id, list(batch.job_ids), tokens, compute_s, "")
+def result(batch, tokens: list[int], compute_s: float = 0.01) -> StepOutput:
+    return StepOutput(batch.batch_id, list(batch.job_ids), tokens, compute_s, "")
 
 
 def test_prefill_then_decode_inputs_and_finish_on_length():
     core = make_core()
     core.submit(submit(1, [10, 11, 12], max_tokens=2), now=0.0)
-    b0 = core.next_batch(0.0)
+    b0 = core.schedule(0.0)
     assert (b0.job_ids, b0.num_new_tokens, b0.context_lens) == ([1], [3], [0])
     assert b0.input_ids.tolist() == [10, 11, 12] and b0.sampling.step == [0]
-    assert core.next_batch(0.0) is None  # one stage: one batch in flight
-    (ev,) = core.on_result(result(b0, [42]), 0.1)
+    assert core.schedule(0.0) is None  # one stage: one batch in flight
+    (ev,) = core.update(result(b0, [42]), 0.1)
     assert (ev.token_ids, ev.finish_reason) == ([42], "")
-    b1 = core.next_batch(0.1)
+    b1 = core.schedule(0.1)
     assert (b1.num_new_tokens, b1.context_lens, b1.input_ids.tolist(), b1.sampling.step) == ([1], [3], [42], [1])
-    (ev,) = core.on_result(result(b1, [43]), 0.2)
+    (ev,) = core.update(result(b1, [43]), 0.2)
     assert (ev.token_ids, ev.finish_reason) == ([43], "length")
-    housekeeping = core.next_batch(0.2)  # the finished job's KV is freed with the next message
+    housekeeping = core.schedule(0.2)  # the finished job's KV is freed with the next message
     assert housekeeping.job_ids == [] and housekeeping.freed_job_ids == [1]
-    core.on_result(result(housekeeping, []), 0.3)
-    assert core.idle and core.next_batch(0.3) is None
+    core.update(result(housekeeping, []), 0.3)
+    assert core.idle and core.schedule(0.3) is None
 
 
 def test_stop_token_and_eos_end_the_job_unless_ignored():
@@ -48,8 +48,8 @@ def test_stop_token_and_eos_end_the_job_unless_ignored():
     core.submit(submit(1, [1], 10, stop=[99]), 0.0)
     core.submit(submit(2, [1], 10), 0.0)
     core.submit(submit(3, [1], 10, ignore_eos=True), 0.0)
-    b = core.next_batch(0.0)
-    events = core.on_result(result(b, [99, EOS, EOS]), 0.1)
+    b = core.schedule(0.0)
+    events = core.update(result(b, [99, EOS, EOS]), 0.1)
     assert [e.finish_reason for e in events] == ["stop", "stop", ""]
 
 
@@ -57,8 +57,8 @@ def test_pipeline_keeps_one_disjoint_batch_per_stage():
     core = make_core(stages=2, max_jobs=1)
     for j in range(3):
         core.submit(submit(j, [1, 2], 5), 0.0)
-    b0, b1 = core.next_batch(0.0), core.next_batch(0.0)
-    assert core.next_batch(0.0) is None
+    b0, b1 = core.schedule(0.0), core.schedule(0.0)
+    assert core.schedule(0.0) is None
     assert set(b0.job_ids).isdisjoint(b1.job_ids)
     assert b1.in_flight_job_ids == b0.job_ids
 
@@ -66,12 +66,12 @@ def test_pipeline_keeps_one_disjoint_batch_per_stage():
 def test_cancel_in_flight_frees_only_after_the_batch_returns():
     core = make_core()
     core.submit(submit(1, [1, 2, 3], 50), 0.0)
-    b = core.next_batch(0.0)
+    b = core.schedule(0.0)
     (ev,) = core.cancel(1, 0.05)
     assert ev.finish_reason == "cancelled"
-    assert core.next_batch(0.05) is None  # batch still in flight: nothing to free yet
-    assert core.on_result(result(b, [7]), 0.1) == []  # the late token of a cancelled job is dropped
-    free = core.next_batch(0.1)
+    assert core.schedule(0.05) is None  # batch still in flight: nothing to free yet
+    assert core.update(result(b, [7]), 0.1) == []  # the late token of a cancelled job is dropped
+    free = core.schedule(0.1)
     assert free.freed_job_ids == [1] and free.job_ids == []
     assert core.cancel(1, 0.2) == []  # a second cancel is a no-op
 
@@ -80,20 +80,20 @@ def test_held_jobs_wait_for_memory_and_dropped_jobs_recompute():
     core = make_core(max_jobs=2)
     core.submit(submit(1, [1, 2, 3], 9), 0.0)
     core.submit(submit(2, [4, 5], 9), 0.0)
-    b = core.next_batch(0.0)
-    core.on_planned(BatchPlanned(b.batch_id, [2], [], 0, 1))
-    core.on_result(BatchResult(b.batch_id, [1], [8], 0.01, ""), 0.1)
-    b2 = core.next_batch(0.1)
+    b = core.schedule(0.0)
+    core.planned(b.batch_id, [2], [], 1)
+    core.update(StepOutput(b.batch_id, [1], [8], 0.01, ""), 0.1)
+    b2 = core.schedule(0.1)
     assert b2.job_ids == [1]  # job 2 waits: no memory event yet
-    core.on_result(result(b2, [9]), 0.2)
-    core.on_kv_changed(KVChanged(10, 0, []))
-    b3 = core.next_batch(0.2)
+    core.update(result(b2, [9]), 0.2)
+    core.kv_changed(0, [])
+    b3 = core.schedule(0.2)
     assert 2 in b3.job_ids
     # job 1's KV is dropped: its next run recomputes prompt + both outputs
-    core.on_planned(BatchPlanned(b3.batch_id, [1], [1], 5, 0))
-    core.on_result(BatchResult(b3.batch_id, [2], [3], 0.01, ""), 0.3)
-    core.on_kv_changed(KVChanged(10, 0, []))
-    b4 = core.next_batch(0.3)
+    core.planned(b3.batch_id, [1], [1], 0)
+    core.update(StepOutput(b3.batch_id, [2], [3], 0.01, ""), 0.3)
+    core.kv_changed(0, [])
+    b4 = core.schedule(0.3)
     i = b4.job_ids.index(1)
     assert (b4.num_new_tokens[i], b4.context_lens[i]) == (5, 0)
     start = sum(b4.num_new_tokens[:i])
@@ -104,10 +104,10 @@ def test_failed_batch_fails_its_jobs_only():
     core = make_core(stages=2, max_jobs=1)
     core.submit(submit(1, [1], 5), 0.0)
     core.submit(submit(2, [1], 5), 0.0)
-    b0, b1 = core.next_batch(0.0), core.next_batch(0.0)
-    (ev,) = core.on_result(BatchResult(b0.batch_id, [], [], 0.0, "stage 0: boom"), 0.1)
+    b0, b1 = core.schedule(0.0), core.schedule(0.0)
+    (ev,) = core.update(StepOutput(b0.batch_id, [], [], 0.0, "stage 0: boom"), 0.1)
     assert (ev.job_id, ev.finish_reason, ev.error_code) == (b0.job_ids[0], "error", "internal")
-    (ok,) = core.on_result(result(b1, [4]), 0.1)
+    (ok,) = core.update(result(b1, [4]), 0.1)
     assert ok.finish_reason == ""
 
 
@@ -115,7 +115,7 @@ def test_fail_all_ends_every_job_and_forgets_the_pipeline():
     core = make_core(stages=2)
     for j in range(4):
         core.submit(submit(j, [1], 5), 0.0)
-    core.next_batch(0.0)
+    core.schedule(0.0)
     events = core.fail_all("internal", "worker 1 exited", 0.1)
     assert sorted(e.job_id for e in events) == [0, 1, 2, 3]
     assert all(e.error_code == "internal" for e in events)
@@ -125,10 +125,10 @@ def test_fail_all_ends_every_job_and_forgets_the_pipeline():
 def test_preemption_is_counted_when_a_running_job_is_left_out():
     core = make_core(policy="mlfq", max_jobs=1, base_quantum_s=0.001)
     core.submit(submit(1, [1], 50), 0.0)
-    b = core.next_batch(0.0)
-    core.on_result(result(b, [5], compute_s=0.01), 0.01)  # job 1 used more than its quantum: demoted
+    b = core.schedule(0.0)
+    core.update(result(b, [5], compute_s=0.01), 0.01)  # job 1 used more than its quantum: demoted
     core.submit(submit(2, [1], 50), 0.02)
-    b = core.next_batch(0.02)
+    b = core.schedule(0.02)
     assert b.job_ids == [2]
     assert core.entries[1].job.preemptions == 1 and core.stats()["preemptions"] == 1
 
@@ -136,21 +136,21 @@ def test_preemption_is_counted_when_a_running_job_is_left_out():
 def test_input_ids_are_int64_arrays():
     core = make_core()
     core.submit(submit(1, [3, 4], 1), 0.0)
-    assert core.next_batch(0.0).input_ids.dtype == np.int64
+    assert core.schedule(0.0).input_ids.dtype == np.int64
 
 
 def test_restart_loses_batches_in_flight_and_recomputes_dropped_jobs():
     core = make_core(stages=2, max_jobs=1)
     core.submit(submit(1, [1, 2], 9), 0.0)
     core.submit(submit(2, [3], 9), 0.0)
-    b0 = core.next_batch(0.0)
-    core.on_result(result(b0, [5]), 0.1)
-    b1, b2 = core.next_batch(0.1), core.next_batch(0.1)
-    assert b1 is not None and b2 is not None and core.next_batch(0.1) is None
+    b0 = core.schedule(0.0)
+    core.update(result(b0, [5]), 0.1)
+    b1, b2 = core.schedule(0.1), core.schedule(0.1)
+    assert b1 is not None and b2 is not None and core.schedule(0.1) is None
     core.restart_pipeline()
-    assert core.on_result(result(b1, [6]), 0.2) == []  # a lost batch's late result is ignored
-    core.on_kv_changed(KVChanged(10, 0, [1]))  # job 1's KV was on the lost device pool
-    batches = [core.next_batch(0.2), core.next_batch(0.2)]
+    assert core.update(result(b1, [6]), 0.2) == []  # a lost batch's late result is ignored
+    core.kv_changed(0, [1])  # job 1's KV was on the lost device pool
+    batches = [core.schedule(0.2), core.schedule(0.2)]
     runs = {j: (b.num_new_tokens[i], b.context_lens[i]) for b in batches for i, j in enumerate(b.job_ids)}
     assert runs == {1: (3, 0), 2: (1, 0)}
 
@@ -158,11 +158,11 @@ def test_restart_loses_batches_in_flight_and_recomputes_dropped_jobs():
 def test_held_jobs_retry_when_nothing_runs_and_no_memory_event_is_coming():
     core = make_core(max_jobs=1)
     core.submit(submit(1, [1, 2], 5), 0.0)
-    b = core.next_batch(0.0)
-    core.on_planned(BatchPlanned(b.batch_id, [1], [], 0, 0))  # held back, no copy pending
+    b = core.schedule(0.0)
+    core.planned(b.batch_id, [1], [], 0)  # held back, no copy pending
     assert core.blocked == {1}
-    core.on_result(BatchResult(b.batch_id, [], [], 0.0, ""), 0.1)  # the iteration ran nothing
-    retry = core.next_batch(0.1)
+    core.update(StepOutput(b.batch_id, [], [], 0.0, ""), 0.1)  # the iteration ran nothing
+    retry = core.schedule(0.1)
     assert retry is not None and retry.job_ids == [1]
 
 
@@ -171,7 +171,7 @@ def test_a_long_run_of_held_jobs_cannot_hide_the_runnable_ones_forever():
     for j in range(600):
         core.submit(submit(j, [1], 5), 0.0)
     core.blocked = set(range(520))  # held back by the KV manager, ahead of every runnable job in FCFS order
-    b = core.next_batch(0.0)
+    b = core.schedule(0.0)
     assert b is not None and len(b.job_ids) == 4
 
 
@@ -184,7 +184,7 @@ def test_the_kv_managers_capacity_bounds_how_many_jobs_start():
     core.set_capacity(KVCapacity(device_blocks=12, host_blocks=0, block_size=4, headroom_blocks=2))
     for job_id in range(10):
         core.submit(submit(job_id, [1] * 7, max_tokens=3), now=0.0)
-    first, second = core.next_batch(0.0), core.next_batch(0.0)
+    first, second = core.schedule(0.0), core.schedule(0.0)
     assert first.job_ids == [0, 1, 2, 3] and second.job_ids == [4]
     assert sorted(core.policy.started) == [0, 1, 2, 3, 4]
 
@@ -193,22 +193,22 @@ def test_a_job_whose_sampling_failed_ends_alone():
     core = make_core(max_jobs=4)
     for job_id in (1, 2):
         core.submit(submit(job_id, [5, 6], max_tokens=3), now=0.0)
-    batch = core.next_batch(0.0)
+    batch = core.schedule(0.0)
     assert batch.job_ids == [1, 2]
-    msg = BatchResult(batch.batch_id, [1, 2], [-1, 42], 0.01, "", [1], "sampling failed: bad distribution")
-    events = {e.job_id: e for e in core.on_result(msg, 0.1)}
+    msg = StepOutput(batch.batch_id, [1, 2], [-1, 42], 0.01, "", [1], "sampling failed: bad distribution")
+    events = {e.job_id: e for e in core.update(msg, 0.1)}
     assert (events[1].finish_reason, events[1].error_code) == ("error", "internal")
     assert "bad distribution" in events[1].error_message
     assert (events[2].token_ids, events[2].finish_reason) == ([42], "")
-    assert core.next_batch(0.1).freed_job_ids == [1]  # its KV goes back to the pool
+    assert core.schedule(0.1).freed_job_ids == [1]  # its KV goes back to the pool
 
 
 def test_a_second_submit_of_a_live_job_id_is_dropped_and_never_ends_the_live_job():
     core = make_core()
     core.submit(submit(1, [5, 6], max_tokens=2), now=0.0)
-    assert core.submit(submit(1, [9, 9, 9], max_tokens=50), now=0.1) == []  # forged or stale: no event at all
-    batch = core.next_batch(0.1)
+    assert core.submit(submit(1, [9, 9, 9], max_tokens=50), now=0.1) is None  # forged or stale: no event at all
+    batch = core.schedule(0.1)
     assert batch.job_ids == [1] and batch.input_ids.tolist() == [5, 6]  # the live job is untouched
-    (event,) = core.on_result(result(batch, [42]), 0.2)
+    (event,) = core.update(result(batch, [42]), 0.2)
     assert (event.job_id, event.token_ids, event.finish_reason) == (1, [42], "")
     assert core.stats()["submits_rejected"] == 1

@@ -73,8 +73,8 @@ def test_job_that_can_never_fit_is_rejected_at_admission():
 
 def test_a_stuck_memory_state_is_reported_not_looped():
     class HoldAll(UnlimitedMemory):
-        def prepare(self, batch, policy, in_flight, now):
-            return [], 0.0
+        def plan(self, step, now):
+            return (), list(step.job_ids), [], 0.0
 
     wl = Workload((Request(0, 0.0, 4, 2),))
     sched = SchedulerConfig(policy="fcfs")
