@@ -7,7 +7,9 @@ In-process: the same stages (2 by default) run one after the other in this proce
 Stack: `fastserve up` with fcfs, one batch of B jobs (scheduler.max_jobs=B), B requests of the same
 shape sent at once. Decode throughput counts tokens after every job's first token; per-iteration
 time is the gap between consecutive tokens of a job as the client sees it; the time added per
-iteration is the stack's median (p99) gap minus the in-process median (p99) step.
+iteration is the stack's median (p99) gap minus the in-process median (p99) step. CPU per iteration
+is each control-plane process's user + system time (from /proc) over the measured window, divided by
+the iterations the scheduler counted in it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,14 @@ from workers.model.sampling import SamplingParams
 from workers.offline import OfflineEngine, _Job
 
 PROMPT_LEN = 16
+CONTROL_PLANE = ("ingress", "scheduler", "kvcache")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -34,11 +45,12 @@ def percentile(xs: list[float], q: float) -> float:
 
 def in_process(batch: int, tokens: int, stages: int) -> dict:
     torch.set_num_threads(1)
-    engine = OfflineEngine.build("default", num_stages=stages, num_blocks=batch * 8)
+    blocks = -(-(PROMPT_LEN + tokens + 1) // 16)  # per job
+    engine = OfflineEngine.build("default", num_stages=stages, num_blocks=batch * blocks)
     jobs = []
     for i in range(batch):
         job = _Job(i, [(7 * i + k) % 256 for k in range(PROMPT_LEN)], PROMPT_LEN, SamplingParams(max_tokens=tokens + 1))
-        job.blocks = list(range(i * 8, (i + 1) * 8))
+        job.blocks = list(range(i * blocks, (i + 1) * blocks))
         jobs.append(job)
     for job, token in zip(jobs, engine.step(jobs)):  # prefill
         job.tokens.append(token)
@@ -53,7 +65,7 @@ def in_process(batch: int, tokens: int, stages: int) -> dict:
             "step_ms_p99": percentile(steps, 0.99) * 1e3}
 
 
-async def through_stack(endpoint: str, batch: int, tokens: int) -> dict:
+async def through_stack(endpoint: str, batch: int, tokens: int, pids: dict[str, int]) -> dict:
     from common.client import AsyncClient
 
     async with AsyncClient(endpoint, timeout=600) as client:
@@ -68,7 +80,9 @@ async def through_stack(endpoint: str, batch: int, tokens: int) -> dict:
             return stamps
 
         before = await client.stats()
+        cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         all_stamps = await asyncio.gather(*(one(i) for i in range(batch)))
+        cpu_after = {role: cpu_seconds(pid) for role, pid in pids.items()}
         after = await client.stats()
     first = max(s[0] for s in all_stamps)
     last = max(s[-1] for s in all_stamps)
@@ -76,9 +90,10 @@ async def through_stack(endpoint: str, batch: int, tokens: int) -> dict:
     gaps = [b - a for s in all_stamps for a, b in zip(s[1:], s[2:])]
     iterations = after["iterations"] - before["iterations"]
     compute_ms = (after["compute_s"] - before["compute_s"]) / max(iterations, 1) * 1e3
+    cpu_us = {role: (cpu_after[role] - cpu_before[role]) / max(iterations, 1) * 1e6 for role in pids}
     return {"tokens_per_s": decoded / (last - first), "gap_ms_p50": percentile(gaps, 0.5) * 1e3,
             "gap_ms_p99": percentile(gaps, 0.99) * 1e3, "iterations": iterations,
-            "worker_compute_ms_per_iteration": compute_ms}
+            "worker_compute_ms_per_iteration": compute_ms, "cpu_us_per_iteration": cpu_us}
 
 
 def stack_run(batch: int, tokens: int, stages: int, extra: list[str]) -> dict:
@@ -87,7 +102,8 @@ def stack_run(batch: int, tokens: int, stages: int, extra: list[str]) -> dict:
 
     stack = Stack(["scheduler.policy=fcfs", "cache.swap=defer", f"scheduler.max_jobs={batch}", *extra], num_stages=stages)
     try:
-        return asyncio.run(through_stack(stack.endpoint, batch, tokens))
+        pids = {role: stack.pids_of(role)[0] for role in CONTROL_PLANE}
+        return asyncio.run(through_stack(stack.endpoint, batch, tokens, pids))
     finally:
         stack.stop()
 
@@ -97,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="8,32")
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per job")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stack config override")
     parser.add_argument("--out", default="bench/results/overhead.json")
     args = parser.parse_args(argv)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         local = in_process(batch, args.tokens, args.stages)
-        stack = stack_run(batch, args.tokens, args.stages, [])
+        stack = stack_run(batch, args.tokens, args.stages, args.set)
         row = {
             "batch": batch,
             "in_process": local,
@@ -115,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch:>3}: in-process {local['tokens_per_s']:8.0f} tok/s ({local['step_ms_p50']:.2f} ms/step)  "
               f"stack {stack['tokens_per_s']:8.0f} tok/s ({stack['gap_ms_p50']:.2f} ms/iter)  "
               f"ratio {row['throughput_ratio']:.3f}  added p50 {row['added_ms_p50'] * 1e3:.0f} us "
-              f"p99 {row['added_ms_p99'] * 1e3:.0f} us; stack compute {stack['worker_compute_ms_per_iteration']:.2f} ms/iter",
+              f"p99 {row['added_ms_p99'] * 1e3:.0f} us; stack compute {stack['worker_compute_ms_per_iteration']:.2f} ms/iter; "
+              "CPU us/iter " + " ".join(f"{r} {v:.0f}" for r, v in stack["cpu_us_per_iteration"].items()),
               flush=True)
-    result = {"model": "default", "stages": args.stages, "decode_tokens_per_job": args.tokens,
+    result = {"model": "default", "stages": args.stages, "decode_tokens_per_job": args.tokens, "overrides": args.set,
               "torch_threads_in_process": 1, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -72,22 +72,71 @@ def connect_dealer(ctx: zmq.Context, address: str) -> Any:
     return sock
 
 
+# The fast path: a message that can go out (or is already queued in) is sent (received) at once on a
+# plain socket sharing the asyncio socket's handle; only when ZeroMQ would block does the asyncio
+# socket's future machinery run. Measured on a PUSH/PULL pair: 31 us per message through the futures,
+# 9 us directly. Order is kept: a direct send is tried only while no awaited send is pending.
+
+
+class _Fast:
+    """The plain twin of one asyncio socket, and how many of its sends are awaiting room."""
+
+    __slots__ = ("plain", "pending")
+
+    def __init__(self, sock: Any) -> None:
+        self.plain = zmq.Socket.shadow(sock.underlying)
+        self.pending = 0
+
+
+def _fast(sock: Any) -> _Fast | None:
+    """The socket's twin (kept on the socket itself, so it lives and dies with it); None for plain sockets."""
+    fast = sock.__dict__.get("_fastserve_fast")
+    if fast is None and isinstance(sock, zmq.asyncio.Socket):
+        fast = _Fast(sock)
+        object.__setattr__(sock, "_fastserve_fast", fast)  # zmq sockets treat attributes as options
+    return fast
+
+
 async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
     """Send one message; `envelope` is the routing identity when sending from a ROUTER."""
-    frames = codec.encode(msg)
+    frames = [*envelope, *codec.encode(msg)]
     # zero-copy pays only for big raw buffers; small frames are cheaper to copy (measured: ~20% per send)
-    await sock.send_multipart([*envelope, *frames], copy=len(frames) == 2)
+    copy = len(frames) - len(envelope) == 2
+    fast = _fast(sock)
+    if fast is None:
+        await sock.send_multipart(frames, copy=copy)
+        return
+    if not fast.pending:
+        try:
+            fast.plain.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            return
+        except zmq.Again:
+            pass
+    fast.pending += 1
+    try:
+        await sock.send_multipart(frames, copy=copy)
+    finally:
+        fast.pending -= 1
+
+
+async def _recv_frames(sock: Any) -> list:
+    fast = _fast(sock)
+    if fast is not None:
+        try:
+            return fast.plain.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+    return await sock.recv_multipart(copy=False)
 
 
 async def recv(sock: Any, expected: type | tuple[type, ...] | None = None) -> Any:
     """The next message, or the DecodeError describing why it is malformed (never raised)."""
-    frames = await sock.recv_multipart(copy=False)
-    return decode_or_error(frames, expected)
+    return decode_or_error(await _recv_frames(sock), expected)
 
 
 async def recv_routed(sock: Any, expected: type | tuple[type, ...] | None = None) -> tuple[bytes, Any, list]:
     """From a ROUTER: (sender identity, message or DecodeError, raw message frames)."""
-    frames = await sock.recv_multipart(copy=False)
+    frames = await _recv_frames(sock)
     identity, rest = frames[0].bytes, frames[1:]
     return identity, decode_or_error(rest, expected), rest
 

@@ -65,7 +65,11 @@ class Stack:
 
     def worker_pids(self) -> list[int]:
         """Pids of this stack's stage workers (children of the launcher)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", "services.cli worker"],
+        return self.pids_of("worker")
+
+    def pids_of(self, role: str) -> list[int]:
+        """Pids of this stack's processes of one role ("ingress", "scheduler", "kvcache", "worker", "http")."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-f", f"services.cli {role}"],
                              capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
