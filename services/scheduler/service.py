@@ -67,15 +67,11 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "Scheduler":
-        from common.profile import Profile
         from common.model.spec import load_spec
 
-        path = config.scheduler.profile
-        prefill_time = Profile.load(path).prefill_time if path not in ("", "auto") else None
-        spec = load_spec(config.model.path)
+        core = build_core(config.scheduler, config.parallel.num_stages, tuple(load_spec(config.model.path).eos_token_ids),
+                          send_run_order=config.cache.swap != "defer")
         stages = config.parallel.num_stages
-        core = SchedulerCore(make_policy(config.scheduler, prefill_time), stages, tuple(spec.eos_token_ids),
-                             send_run_order=config.cache.swap != "defer")
         ctx = ctx or sockets.context()
         ep = config.endpoints
         return cls(
@@ -175,6 +171,17 @@ class Scheduler:
         for sock in (self.recv_inbox, self.send_to_kvcache, self.send_to_ingress, self.send_to_control):
             if sock is not None:
                 sock.close(linger=0)
+
+
+def build_core(scheduler: Any, num_stages: int, eos_token_ids: tuple[int, ...], send_run_order: bool = True,
+               prefill_time: Callable[[int], float] | None = None) -> SchedulerCore:
+    """The core the scheduler process runs: the configured policy (its prefill-time profile from
+    `scheduler.profile` unless given) around SchedulerCore."""
+    if prefill_time is None and scheduler.profile not in ("", "auto"):
+        from common.profile import Profile
+
+        prefill_time = Profile.load(scheduler.profile).prefill_time
+    return SchedulerCore(make_policy(scheduler, prefill_time), num_stages, eos_token_ids, send_run_order=send_run_order)
 
 
 def to_wire(step: Step) -> ScheduleBatch:
