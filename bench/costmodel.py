@@ -183,7 +183,8 @@ def roofline(gpu: str, model: str, tp: int = 1, pp: int = 1) -> Roofline:
 
 @dataclass(frozen=True)
 class ProfileCost:
-    """Iteration times from a `fastserve profile` file (whole-model times, split evenly over stages)."""
+    """Iteration times from a `fastserve profile` file (whole-model times, split evenly over stages),
+    plus the stack's own per-iteration cost where the profile has it for this stage count."""
 
     profile: Profile
     num_stages: int = 1
@@ -192,7 +193,8 @@ class ProfileCost:
     host_bytes_s: float = 10e9
 
     def iteration_time(self, prefill_lens: Sequence[int], decode_contexts: Sequence[int]) -> float:
-        return self.profile.iteration_time(list(prefill_lens), list(decode_contexts))
+        compute = self.profile.iteration_time(list(prefill_lens), list(decode_contexts))
+        return compute + self.profile.overhead_time(len(prefill_lens) + len(decode_contexts), self.num_stages)
 
     def prefill_time(self, input_len: int) -> float:
         return self.profile.prefill_time(input_len)
@@ -201,4 +203,7 @@ class ProfileCost:
         return num_tokens * self.kv_bytes_per_token / self.num_stages / self.host_bytes_s
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "profile", "meta": self.profile.meta, "num_stages": self.num_stages, "kv_capacity_tokens": self.kv_capacity_tokens}
+        p = self.profile
+        stack = {"batch_size": list(p.stack_batch), "seconds": list(p.stack_s)} if p.stack_stages == self.num_stages else None
+        return {"kind": "profile", "meta": p.meta, "num_stages": self.num_stages, "kv_capacity_tokens": self.kv_capacity_tokens,
+                "stack_overhead": stack}

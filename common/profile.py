@@ -8,10 +8,15 @@ File format (JSON):
       "block_size": 16,
       "prefill": {"input_len": [16, 32, ...], "seconds": [...]},        # batch size 1, whole model
       "decode": {"batch_size": [1, 2, ...], "context_len": [64, ...],
-                 "seconds": [[...], ...]}                                # seconds[i][j]: batch_size[i], context_len[j]
+                 "seconds": [[...], ...]},                               # seconds[i][j]: batch_size[i], context_len[j]
+      "stack": {"num_stages": 2, "batch_size": [1, 8, ...], "seconds": [...]}   # optional
     }
 
-Times are for one iteration of the whole model (all stages in sequence), in seconds.
+Times are for one iteration of the whole model (all stages in sequence), in seconds. The optional
+"stack" section is what the running stack adds to every iteration around that compute (the control
+plane, the hops between processes, the pipeline's waits), measured through `fastserve up` by
+`python -m bench.stack_cost` at a few batch sizes for one stage count; the simulator adds it to each
+iteration (`bench.costmodel.ProfileCost`). The scheduler's policies never read it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return max(float(y), 0.0)
 
 
+def _stack_fields(stack: Any) -> dict[str, Any]:
+    if stack is None:
+        return {}
+    return {"stack_stages": int(stack["num_stages"]), "stack_batch": tuple(int(x) for x in stack["batch_size"]),
+            "stack_s": tuple(float(x) for x in stack["seconds"])}
+
+
 @dataclass(frozen=True)
 class Profile:
     prefill_len: tuple[int, ...]  # input lengths, tokens, increasing
@@ -48,6 +60,18 @@ class Profile:
     decode_context: tuple[int, ...]  # context lengths, tokens, increasing
     decode_s: tuple[tuple[float, ...], ...]  # seconds, [batch][context]
     meta: dict[str, Any]
+    stack_stages: int = 0  # stage count the stack overhead was measured with; 0 = none measured
+    stack_batch: tuple[int, ...] = ()  # batch sizes, increasing
+    stack_s: tuple[float, ...] = ()  # seconds the stack adds to one iteration at each batch size
+
+    def overhead_time(self, batch_size: int, num_stages: int) -> float:
+        """Seconds the running stack adds to an iteration of `batch_size` jobs (0 when it was not
+        measured for this stage count)."""
+        if not self.stack_s or num_stages != self.stack_stages or batch_size <= 0:
+            return 0.0
+        if len(self.stack_batch) == 1:
+            return self.stack_s[0]
+        return _interp(self.stack_batch, self.stack_s, min(max(batch_size, self.stack_batch[0]), self.stack_batch[-1]))
 
     def prefill_time(self, input_len: int) -> float:
         """Seconds of the first iteration of a job with this many prompt tokens, alone."""
@@ -78,7 +102,8 @@ class Profile:
                 decode_batch=tuple(int(x) for x in dec["batch_size"]),
                 decode_context=tuple(int(x) for x in dec["context_len"]),
                 decode_s=tuple(tuple(float(x) for x in row) for row in dec["seconds"]),
-                meta={k: v for k, v in data.items() if k not in ("prefill", "decode")},
+                meta={k: v for k, v in data.items() if k not in ("prefill", "decode", "stack")},
+                **_stack_fields(data.get("stack")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"profile is malformed ({e!r}); regenerate it with `fastserve profile --out FILE`") from None
@@ -86,6 +111,8 @@ class Profile:
             raise ProfileError("profile prefill.input_len and prefill.seconds must be non-empty and the same length")
         if len(prof.decode_s) != len(prof.decode_batch) or any(len(r) != len(prof.decode_context) for r in prof.decode_s):
             raise ProfileError("profile decode.seconds must be [len(batch_size)][len(context_len)]")
+        if len(prof.stack_batch) != len(prof.stack_s) or list(prof.stack_batch) != sorted(set(prof.stack_batch)):
+            raise ProfileError("profile stack.batch_size must be strictly increasing and as long as stack.seconds")
         if not prof.decode_batch or not prof.decode_context:
             raise ProfileError("profile decode.batch_size and decode.context_len must be non-empty")
         for name in ("prefill_len", "decode_batch", "decode_context"):
@@ -104,6 +131,8 @@ class Profile:
                 "context_len": list(self.decode_context),
                 "seconds": [list(r) for r in self.decode_s],
             },
+            **({"stack": {"num_stages": self.stack_stages, "batch_size": list(self.stack_batch),
+                          "seconds": list(self.stack_s)}} if self.stack_s else {}),
         }
 
     @classmethod

@@ -1,0 +1,75 @@
+"""What the running stack adds to each iteration, measured through `fastserve up`, into a profile.
+
+    python -m bench.stack_cost --profile P.json --out P_stack.json [--stages 2] [--batches 1,4,8,16,32]
+                               [--tokens 64] [--set KEY=VALUE ...]
+
+For each batch size B, B decode requests of 16 prompt tokens run at once through a stack that uses
+the profile P (so its policies see the same times). A job's gap between tokens is one trip of its
+batch through the pipeline; the workers report the compute of every batch (all stages). What the
+stack adds to an iteration of n jobs (n = tokens decoded / iterations: with S stages the B jobs run as
+S disjoint batches) is the median gap minus the mean compute per iteration. The output is P with a
+"stack" section (`common/profile.py`) that the simulator adds to every iteration it models, and the
+measurements themselves under "stack_measured".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from bench.overhead import CONTROL_PLANE, through_stack
+from common.profile import Profile
+
+
+def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: list[str]) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+    from stack import Stack
+
+    rows = []
+    stack = Stack([f"scheduler.profile={Path(profile).resolve()}", *extra], num_stages=stages)
+    try:
+        pids = {role: stack.pids_of(role)[0] for role in CONTROL_PLANE}
+        for batch in batches:
+            run = asyncio.run(through_stack(stack.endpoint, batch, tokens, pids))
+            jobs = batch * tokens / max(run["iterations"], 1)  # decode tokens per iteration
+            added_ms = run["gap_ms_p50"] - run["worker_compute_ms_per_iteration"]
+            rows.append({"requests": batch, "jobs_per_iteration": jobs, "added_ms": added_ms, **run})
+            print(f"{batch:>3} requests: {jobs:5.1f} jobs/iteration, gap p50 {run['gap_ms_p50']:.2f} ms, "
+                  f"compute {run['worker_compute_ms_per_iteration']:.2f} ms, added {added_ms:.2f} ms", flush=True)
+    finally:
+        stack.stop()
+    return rows
+
+
+def with_stack(profile: Profile, stages: int, rows: list[dict]) -> Profile:
+    """The profile with its stack section: added seconds by jobs per iteration (one point per size)."""
+    points: dict[int, float] = {}
+    for row in rows:
+        points[max(1, round(row["jobs_per_iteration"]))] = max(row["added_ms"], 0.0) / 1e3
+    sizes = sorted(points)
+    return Profile(profile.prefill_len, profile.prefill_s, profile.decode_batch, profile.decode_context,
+                   profile.decode_s, profile.meta, stages, tuple(sizes), tuple(points[n] for n in sizes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stack_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="the profile the stack and the simulator use")
+    parser.add_argument("--out", required=True, help="where the profile with its stack section goes")
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--batches", default="1,4,8,16,32")
+    parser.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stack config override")
+    args = parser.parse_args(argv)
+    base = Profile.load(args.profile)
+    rows = measure(args.profile, args.stages, [int(b) for b in args.batches.split(",")], args.tokens, args.set)
+    out = with_stack(base, args.stages, rows).to_dict()
+    out["stack_measured"] = {"overrides": args.set, "decode_tokens_per_request": args.tokens, "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
