@@ -17,6 +17,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)  # seconds
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
+LEVEL_KEY = "jobs_level_"  # stats keys jobs_level_<k>: live jobs at MLFQ level k (only levels that hold any)
 # stats key -> (metric name without prefix, help); gauges are levels, counters only grow
 STATS_GAUGES = {
     "jobs_live": ("num_requests_running", "Jobs in the scheduler's pool: running, or preempted between iterations."),
@@ -65,6 +66,11 @@ class StackStats:
         for key, (name, help_) in STATS_COUNTERS.items():
             if key in values:
                 yield CounterMetricFamily(PREFIX + name, help_, value=values[key])
+        levels = GaugeMetricFamily(PREFIX + "num_requests_by_level", "Live jobs per MLFQ level (0 = highest "
+                                   "priority; every job is at 0 under the other policies).", labels=["level"])
+        for key in sorted(k for k in values if k.startswith(LEVEL_KEY)):
+            levels.add_metric([key[len(LEVEL_KEY):]], values[key])
+        yield levels
 
 
 class Metrics:

@@ -10,6 +10,7 @@ and tests drive it with a fake pipeline. All three run this one loop.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -396,4 +397,5 @@ class SchedulerCore:
             "recomputes": c.recomputes,
             "submits_rejected": c.rejected,
             "compute_s": c.compute_s,
+            **{f"jobs_level_{level}": n for level, n in Counter(e.job.level for e in self.entries.values()).items()},
         }

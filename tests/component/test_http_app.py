@@ -45,7 +45,7 @@ class FakeClient:
     async def stats(self, timeout: float | None = None) -> dict[str, int | float]:
         if self.stats_error is not None:
             raise self.stats_error
-        return {"kv_free_blocks": 10, "kv_total_blocks": 10, "jobs_live": 0}
+        return {"kv_free_blocks": 10, "kv_total_blocks": 10, "jobs_live": 3, "jobs_level_0": 1, "jobs_level_3": 2}
 
     async def close(self) -> None:
         pass
@@ -149,6 +149,9 @@ async def test_a_failure_mid_stream_is_an_error_event_then_done(app_client):
 async def test_health_models_unknown_routes_and_body_limit(app_client):
     http, fake = app_client
     assert (await http.get("/health")).status_code == 200
+    metrics = (await http.get("/metrics")).text
+    assert 'fastserve:num_requests_by_level{level="0"} 1.0' in metrics
+    assert 'fastserve:num_requests_by_level{level="3"} 2.0' in metrics
     fake.stats_error = Unavailable("starting")
     response = await http.get("/health")
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
