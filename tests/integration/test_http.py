@@ -90,6 +90,14 @@ def wait_idle(stack: Stack, timeout: float = 30.0) -> dict:
         time.sleep(0.05)
 
 
+def wait_cancelled(stack: Stack, count: int, which: str, timeout: float = 20.0) -> None:
+    """Until the scheduler has cancelled `count` jobs in all; names the request whose cancel is missing."""
+    deadline = time.monotonic() + timeout
+    while (cancelled := stack_stats(stack)["jobs_cancelled"]) < count:
+        assert time.monotonic() < deadline, f"{which}: its job was not cancelled ({cancelled} cancelled, {count} due)"
+        time.sleep(0.05)
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -268,8 +276,10 @@ def test_disconnecting_cancels_the_job_and_the_kv_pool_is_whole(base, stack):
                 seen += line.startswith("data: ")
                 if seen >= 5:
                     break  # leaving the block closes the connection mid-stream
+    wait_cancelled(stack, before + 1, "the streamed request")
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming request whose client gives up
         httpx.post(f"{base}/v1/completions", json=body, timeout=1.0)
+    wait_cancelled(stack, before + 2, "the non-streamed request")
     stats = wait_idle(stack, timeout=20)  # 2000 tokens would take far longer than this
     assert stats["jobs_cancelled"] == before + 2
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
