@@ -83,6 +83,7 @@ class SchedulerConfig:
     max_started: int = 0  # fixed bound on started-but-unfinished jobs; 0 = the memory-aware rule (SCHEDULING.md)
     start_host_fraction: float = 0.5  # share of the host KV pool that preempted started jobs may fill
     service_share: str = "own"  # "own": a job is charged its share of an iteration; "iteration": all of it
+    overlap: bool = True  # prepare the next batch while one computes; decode jobs carry their token (SCHEDULING.md)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:

@@ -41,6 +41,7 @@ class MsgType(IntEnum):
     SWAP_DONE = 36
     KV_CHANGED = 37
     KV_CAPACITY = 38
+    SAMPLED_TOKENS = 39
 
 
 FINISH_REASONS = ("", "stop", "length", "cancelled", "error")  # "" while the job runs
@@ -171,6 +172,12 @@ class BatchSampling:
         return (self.temperature, self.top_k, self.top_p, self.seed, self.step, self.logprobs)
 
 
+def _check_carry(msg: object) -> None:
+    carry, n = msg.carry_from, len(msg.job_ids)
+    if carry and (len(carry) != n or any(b >= 0 and q != 1 for b, q in zip(carry, msg.num_new_tokens))):
+        raise ValueError("carry_from must have one entry per job, and a carried job computes exactly 1 token")
+
+
 def _check_columns(msg: object, names: tuple[str, ...]) -> None:
     n = len(getattr(msg, names[0]))
     sampling = getattr(msg, "sampling", None)
@@ -198,9 +205,13 @@ class ScheduleBatch:
     freed_job_ids: list[int]  # jobs that ended (finished, cancelled, failed) and are in no batch: free their KV
     run_order: list[int]  # live job ids, soonest expected to run first (drives offload/upload)
     in_flight_job_ids: list[int]  # jobs in batches still in the pipeline: never offloaded or dropped
+    # per job: the in-flight batch whose sampled token is this job's input (its input_ids entry is a
+    # placeholder that stage 0 fills), -1 = none; [] = no job carries (overlapped scheduling)
+    carry_from: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_columns(self, ("job_ids", "num_new_tokens", "context_lens"))
+        _check_carry(self)
         if self.input_ids.shape != (sum(self.num_new_tokens),):
             raise ValueError(f"input_ids has shape {self.input_ids.shape}, num_new_tokens sum to {sum(self.num_new_tokens)}")
 
@@ -249,9 +260,11 @@ class StageBatch:
     hidden: np.ndarray | None  # [T, hidden] activations between stages, else None
     compute_s: Annotated[float, Range(0.0)]  # compute seconds of the stages so far
     flush: bool = False  # finish every copy submitted before this message first (after a stage restart)
+    carry_from: list[int] = field(default_factory=list)  # as in ScheduleBatch, for the jobs that run
 
     def __post_init__(self) -> None:
         _check_columns(self, ("job_ids", "num_new_tokens", "context_lens", "block_tables"))
+        _check_carry(self)
 
 
 @message(MsgType.BATCH_RESULT)
@@ -302,3 +315,18 @@ class KVCapacity:
     host_blocks: Annotated[int, Range(0)]  # blocks of the host pool usable for swaps; 0 = none
     block_size: Annotated[int, Range(1)]  # tokens per block
     headroom_blocks: Annotated[int, Range(0)]  # device blocks kept free for growth and arrivals
+
+
+@message(MsgType.SAMPLED_TOKENS)
+@dataclass(frozen=True)
+class SampledTokens:
+    """Last stage -> stage 0 (pipelines of 2+ stages): the tokens one batch sampled, sent for every
+    batch the last stage finishes (empty when it failed), so that stage 0 can feed the jobs a later
+    batch carries (`carry_from`) without a round trip through the scheduler."""
+
+    batch_id: Annotated[int, Range(0)]
+    job_ids: list[int]
+    token_ids: list[int]  # one per job; -1 where its sampling failed
+
+    def __post_init__(self) -> None:
+        _check_columns(self, ("job_ids", "token_ids"))

@@ -7,6 +7,7 @@ issued by the worker itself (on its own stream) can overlap the worker's kernels
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 import sys
@@ -20,7 +21,7 @@ from common import sockets
 from common.codec import DecodeError
 from common.log import get_logger
 from common.hostpool import HostPoolError
-from common.messages import BatchResult, Ready, StageBatch, SwapDone
+from common.messages import BatchResult, Ready, SampledTokens, StageBatch, SwapDone
 from common.model.spec import ModelError
 from kernels.attention import AttentionError
 from workers.copy_executor import CopyError
@@ -68,6 +69,45 @@ def open_stage(config: Any, stage: int) -> tuple[StageRunner, Any | None]:
         raise SystemExit(f"fastserve worker --stage {stage}: {e}") from None
 
 
+class Carries:
+    """Stage 0's record of what the last stage sampled, for the jobs a later batch carries.
+
+    With overlapped scheduling a decode job may be in batch n+1 before n's token reached the scheduler:
+    its input is the token n samples (`carry_from` = n). The last stage hands every batch's tokens to
+    stage 0 (on one stage, itself), and stage 0 runs a batch once the tokens it carries are known. A
+    carry that can never be known (the batch was lost to a restart, or failed) feeds token 0: the
+    scheduler has ended or will rerun those jobs, and the row's output is never emitted.
+    """
+
+    KEEP = 256  # batches remembered; a carry names a batch at most a pipeline's depth old
+
+    def __init__(self) -> None:
+        self.tokens: collections.OrderedDict[int, dict[int, int]] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[int, None] = collections.OrderedDict()  # batches stage 0 ran
+
+    def ran(self, batch_id: int) -> None:
+        self.seen[batch_id] = None
+        while len(self.seen) > self.KEEP:
+            self.seen.popitem(last=False)
+
+    def sampled(self, batch_id: int, job_ids: list[int], token_ids: list[int]) -> None:
+        self.tokens[batch_id] = dict(zip(job_ids, token_ids))
+        while len(self.tokens) > self.KEEP:
+            self.tokens.popitem(last=False)
+
+    def ready(self, msg: StageBatch, giving_up: bool) -> bool:
+        """Whether every token the batch carries is known (or never will be)."""
+        return giving_up or all(b < 0 or b in self.tokens or b not in self.seen for b in msg.carry_from)
+
+    def fill(self, msg: StageBatch) -> np.ndarray:
+        ids = np.array(msg.input_ids, dtype=np.int64)
+        offsets = np.cumsum([0, *msg.num_new_tokens])
+        for row, (job_id, b) in enumerate(zip(msg.job_ids, msg.carry_from)):
+            if b >= 0:
+                ids[offsets[row]] = max(self.tokens.get(b, {}).get(job_id, 0), 0)
+        return ids
+
+
 class StageWorker:
     """Layers [lo, hi) of one stage; the last stage samples and reports tokens to the scheduler."""
 
@@ -81,8 +121,11 @@ class StageWorker:
         send_to_kvcache: Any,
         send_to_control: Any | None = None,
         executor: Any | None = None,
+        send_to_first: Any | None = None,
     ) -> None:
         self.runner = runner
+        self.send_to_first = send_to_first  # the last stage of 2+ hands sampled tokens to stage 0
+        self.carries = Carries() if stage == 0 else None
         self.stage = stage
         self.recv_inbox = recv_inbox
         self.send_next = send_next  # None on the last stage
@@ -114,6 +157,7 @@ class StageWorker:
             send_to_kvcache=sockets.connect_push(ctx, ep.kvcache),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
             executor=executor,
+            send_to_first=sockets.connect_push(ctx, ep.stage(0)) if last and stage > 0 else None,
         )
 
     async def run(self) -> None:
@@ -124,19 +168,33 @@ class StageWorker:
                       device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
                       attention=self.runner.attention.name, attention_fallback=self.runner.attention_fallback)
         acks = asyncio.ensure_future(self.ack_loop())
+        waiting: collections.deque[StageBatch] = collections.deque()  # stage 0: batches awaiting carried tokens
         try:
             while True:
-                msg = await sockets.recv(self.recv_inbox, StageBatch)
+                msg = await sockets.recv(self.recv_inbox, (StageBatch, SampledTokens))
                 if isinstance(msg, DecodeError):
                     self.log.warning("bad_message", code=msg.code, error=msg.message)
                     continue
-                await self.on_batch(msg)
+                if isinstance(msg, SampledTokens):
+                    if self.carries is None:
+                        self.log.warning("sampled_tokens_dropped", batch_id=msg.batch_id, reason="not stage 0")
+                    else:
+                        self.carries.sampled(msg.batch_id, msg.job_ids, msg.token_ids)
+                else:
+                    waiting.append(msg)
+                # A flush behind a waiting batch means a stage restarted: the tokens it waits for are lost.
+                while waiting and (self.carries is None or self.carries.ready(waiting[0], any(m.flush for m in waiting))):
+                    await self.on_batch(waiting.popleft())
         finally:
             acks.cancel()
 
     async def on_batch(self, msg: StageBatch) -> None:
         self.log.debug("batch_received", batch_id=msg.batch_id, jobs=len(msg.job_ids), swaps_out=len(msg.swap_out),
                        swaps_in=len(msg.swap_in), t=time.time())
+        if self.carries is not None:
+            if msg.carry_from:
+                msg = dataclasses.replace(msg, input_ids=self.carries.fill(msg))
+            self.carries.ran(msg.batch_id)
         self.submit_swaps(msg)
         hidden, tokens, compute_s, error, failed, logprobs = None, [], msg.compute_s, "", {}, []
         if msg.job_ids:
@@ -157,6 +215,11 @@ class StageWorker:
                 self.log.error("sampling_failed", batch_id=msg.batch_id, job_ids=failed_ids, error=next(iter(failed.values())))
             result = BatchResult(msg.batch_id, [] if error else msg.job_ids, tokens, compute_s, error, failed_ids,
                                  next(iter(failed.values()), ""), [] if error else logprobs)
+            if self.send_next is None:  # the last stage: stage 0 learns the tokens first (carries)
+                if self.send_to_first is not None:
+                    await sockets.send(self.send_to_first, SampledTokens(msg.batch_id, result.job_ids, tokens))
+                elif self.carries is not None:
+                    self.carries.sampled(msg.batch_id, result.job_ids, tokens)
             await sockets.send(self.send_to_scheduler, result)
             self.log.debug("batch_done", batch_id=msg.batch_id, compute_s=compute_s, t=time.time())
             if error and self.send_next is not None:  # later stages still run this batch's swaps
@@ -240,6 +303,6 @@ class StageWorker:
             self.log.info("copy_stats", ops_out=stats.ops_out, ops_in=stats.ops_in, bytes_out=stats.bytes_out,
                           bytes_in=stats.bytes_in, copy_s=stats.copy_s, overlap_s=stats.overlap_s,
                           hidden_fraction=stats.hidden_fraction)
-        for sock in (self.recv_inbox, self.send_next, self.send_to_scheduler, self.send_to_kvcache, self.send_to_control):
+        for sock in (self.send_to_first, self.recv_inbox, self.send_next, self.send_to_scheduler, self.send_to_kvcache, self.send_to_control):
             if sock is not None:
                 sock.close(linger=0)

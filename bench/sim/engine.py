@@ -6,7 +6,8 @@ core decides goes through the memory model (the KV manager's planner in `kv` mod
 which jobs were held or dropped, the runnable jobs compute for the cost model's time, and the core
 takes their output: one token per job, the end-of-sequence token at the job's true length. Time comes
 from the cost model. With S pipeline stages a batch takes iteration_time / S per stage and up to S
-disjoint batches are in flight: a new step starts whenever stage 0 is free.
+disjoint batches are in flight (one more with `scheduler.overlap`, whose carried jobs wait for the batch
+that samples their input): a new step starts whenever stage 0 is free.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class Simulator:
         self.stages = cost.num_stages
         self.max_context = int(workload.info.get("max_context", 0) or 0)  # 0: no bound, max_tokens = output
         self.core = SchedulerCore(policy, self.stages, (EOS,), send_run_order=self.memory.needs_order,
-                                  keep_tokens=False)
+                                  keep_tokens=False, overlap=getattr(policy.config, "overlap", False))
         policy.set_limits(self.stages, self.memory.capacity())
         self.stage_free = [0.0] * self.stages
+        self.batch_done: dict[int, float] = {}  # batch id -> when its tokens are sampled, while in flight
         self.jobs: dict[int, Job] = {}  # live jobs, by id
         self.events: list[tuple[float, int, _InFlight]] = []  # batch completions
         self.seq = 0
@@ -151,6 +153,9 @@ class Simulator:
     def start(self, step: Step, rows: tuple[int, ...], ready: float, t: float) -> None:
         """The runnable jobs of a step compute through the stages, once their uploads have landed."""
         batch = [self.jobs[step.job_ids[r]] for r in rows]
+        for r in rows:  # overlap: a carried job's input is the token its batch in flight samples
+            if step.carry_from and step.carry_from[r] >= 0:
+                ready = max(ready, self.batch_done.get(step.carry_from[r], ready))
         prefill, decode = [], []
         for job in batch:
             if job.is_prefill:
@@ -168,10 +173,12 @@ class Simulator:
         self.busy_s += iteration_s
         self.batch_jobs += len(batch)
         self.seq += 1
+        self.batch_done[step.batch_id] = ready
         heapq.heappush(self.events, (ready, self.seq, _InFlight(ready, step.batch_id, batch, iteration_s)))
 
     def complete(self, flight: _InFlight) -> None:
         now = flight.done_s
+        self.batch_done.pop(flight.batch_id, None)
         tokens = [EOS if job.num_generated + 1 >= job.expected_output_len else TOKEN for job in flight.jobs]
         out = StepOutput(flight.batch_id, [job.job_id for job in flight.jobs], tokens, flight.iteration_s)
         for event in self.core.update(out, now):

@@ -339,8 +339,8 @@ class Planner:
         for job, tokens in picked.items():
             if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
                 raise ValueError(f"job {job!r}: tokens after the step must be an integer > 0, not {tokens!r}")
-            if job in flying:
-                raise ValueError(f"job {job!r} is already in a batch in flight; batches in flight must be disjoint")
+            if job in flying and self.books.get(job) is None:
+                raise ValueError(f"job {job!r} is in a batch in flight but holds no KV")
             if not self.can_ever_fit(tokens):
                 raise ValueError(
                     f"job {job!r} needs {self.books.blocks_for(tokens)} blocks but the device pool has "

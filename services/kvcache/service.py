@@ -140,6 +140,7 @@ class KVCacheManager:
                 input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),
                 hidden=None,
                 compute_s=0.0,
+                carry_from=[msg.carry_from[i] for i in rows] if msg.carry_from else [],
             ),
         )
         self.log.debug("batch_forwarded", batch_id=msg.batch_id, t=time.time())

@@ -35,6 +35,8 @@ class Step:
     freed_job_ids: list[int]  # ended jobs in no batch: their KV goes back to the pool
     run_order: list[int]  # live job ids, soonest expected to run first (empty when not asked for)
     in_flight_job_ids: list[int]  # jobs in batches still in the pipeline
+    carry_from: list[int] = field(default_factory=list)  # per job: the in-flight batch whose sampled
+    # token is this job's input (its input_ids entry is a placeholder), -1 = none; [] = no job carries
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Counters:
     held_back: int = 0
     recomputes: int = 0
     rejected: int = 0  # SubmitJob for a job id that is already live (dropped)
+    carried: int = 0  # jobs put in a batch while their previous batch was in flight (overlap)
     compute_s: float = 0.0
 
 
@@ -93,8 +96,12 @@ class SchedulerCore:
     """Job pool and iteration bookkeeping around a policy; at most `num_stages` batches in flight."""
 
     def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = (),
-                 send_run_order: bool | Callable[[list[Job]], bool] = True, keep_tokens: bool = True) -> None:
+                 send_run_order: bool | Callable[[list[Job]], bool] = True, keep_tokens: bool = True,
+                 overlap: bool = False) -> None:
         self.policy = policy
+        # Overlapped scheduling: a decode job whose batch is in flight may be picked for the next batch
+        # at once; its input is the token that batch samples, which the stages hand to stage 0 (carry).
+        self.overlap = overlap
         self.keep_tokens = keep_tokens  # the simulator has no token ids to move: lengths only
         policy.set_limits(num_stages, None)  # the KV capacity comes with the KV manager's report
         # Only swapping needs the run order, and it is O(jobs) per step: a flag, or a test of the picked
@@ -104,7 +111,8 @@ class SchedulerCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.entries: dict[int, Entry] = {}
         self.in_flight: dict[int, InFlight] = {}
-        self.busy: set[int] = set()  # job ids inside an in-flight batch
+        self.busy: dict[int, int] = {}  # job id -> in-flight batches it is in (2 only when carried)
+        self.last_batch: dict[int, tuple[int, int]] = {}  # busy job -> (its latest batch id, new tokens there)
         self.blocked: set[int] = set()  # held back by the KV manager until memory changes
         self.to_free: list[int] = []  # ended jobs whose KV the next ScheduleBatch frees
         self.ended_in_flight: set[int] = set()  # ended while in a batch: free when the batch returns
@@ -145,6 +153,7 @@ class SchedulerCore:
         """End every live job with an error (a stage died): batches in flight will never come back."""
         self.in_flight.clear()
         self.busy.clear()
+        self.last_batch.clear()
         self.ended_in_flight.clear()
         events = []
         for entry in list(self.entries.values()):
@@ -156,7 +165,8 @@ class SchedulerCore:
     # --- batches out ---------------------------------------------------------------------------
 
     def can_send(self) -> bool:
-        return len(self.in_flight) < self.num_stages
+        """One batch per stage in flight; with overlap one more, prepared while the others compute."""
+        return len(self.in_flight) < self.num_stages + self.overlap
 
     def schedule(self, now: float) -> Step | None:
         """The next iteration, a housekeeping step when only frees are pending, or None."""
@@ -170,22 +180,41 @@ class SchedulerCore:
         batch_id = self.next_batch_id
         self.next_batch_id += 1
         in_flight = list(self.busy)  # before this batch's jobs join it
-        entries = self.entries
+        entries, busy = self.entries, self.busy
         job_ids = [job.job_id for job in picked]
         context = [job.num_computed for job in picked]
         new = [job.prompt_len + job.num_generated - job.num_computed for job in picked]  # num_new_tokens
+        steps = [job.num_generated for job in picked]
+        carry_from: list[int] = []
+        if busy and self.overlap:
+            # A carried job's batch in flight computes 1 token and samples 1: this batch computes the
+            # sampled one, which stage 0 takes from the last stage (carry_from names the batch).
+            carry_from = [-1] * len(picked)
+            for row, job_id in enumerate(job_ids):
+                if job_id in busy:
+                    carry_from[row] = self.last_batch[job_id][0]
+                    context[row] += 1
+                    steps[row] += 1
+            carried = sum(b >= 0 for b in carry_from)
+            self.counters.carried += carried
+            if not carried:
+                carry_from = []
         params = [entries[job_id].sampling for job_id in job_ids]
         sampling = BatchSampling([p.temperature for p in params], [p.top_k for p in params],
                                  [p.top_p for p in params], [p.seed for p in params],
-                                 [job.num_generated for job in picked], [p.logprobs for p in params])
+                                 steps, [p.logprobs for p in params])
         inputs = None
         if self.keep_tokens:
+            carried_ids = set(j for j, b in zip(job_ids, carry_from) if b >= 0)
             inputs = np.fromiter((t for job_id, c, n in zip(job_ids, context, new)
-                                  for t in entries[job_id].tokens[c : c + n]), np.int64, sum(new))
+                                  for t in (entries[job_id].tokens[c : c + n] if job_id not in carried_ids else (0,))),
+                                 np.int64, sum(new))
         running = JobStatus.RUNNING
         for job in picked:
             job.status = running
-        self.busy.update(job_ids)
+        for job_id, n in zip(job_ids, new):
+            busy[job_id] = busy.get(job_id, 0) + 1
+            self.last_batch[job_id] = (batch_id, n)
         self._count_preemptions(set(job_ids))
         step = Step(
             batch_id=batch_id,
@@ -197,6 +226,7 @@ class SchedulerCore:
             freed_job_ids=self.to_free,
             run_order=[j.job_id for j in self.policy.run_order(now)] if picked and self._wants_order(picked) else [],
             in_flight_job_ids=in_flight,
+            carry_from=carry_from,
         )
         self.to_free = []
         # A housekeeping step also flows through the pipeline, so it is in flight too.
@@ -219,11 +249,28 @@ class SchedulerCore:
         return False
 
     def _can_run(self, job: Job) -> bool:
-        return job.job_id not in self.busy and job.job_id not in self.blocked
+        job_id = job.job_id
+        if job_id in self.blocked:
+            return False
+        count = self.busy.get(job_id, 0)
+        if not count:
+            return True
+        # Carry: in one batch in flight, in decode there, and that batch does not produce its last token.
+        return (self.overlap and count == 1 and self.last_batch[job_id][1] == 1
+                and job.num_generated + 1 < job.max_tokens)
+
+    def _busy_done(self, job_id: int) -> None:
+        """One in-flight batch of this job is over (returned, held back, or lost)."""
+        count = self.busy.get(job_id, 0) - 1
+        if count > 0:
+            self.busy[job_id] = count
+        else:
+            self.busy.pop(job_id, None)
+            self.last_batch.pop(job_id, None)
 
     def _count_preemptions(self, chosen: set[int]) -> None:
         """A job that ran and is in no batch now was preempted at this iteration boundary."""
-        for job_id in self.running - chosen - self.busy:
+        for job_id in self.running - chosen - self.busy.keys():
             self.running.discard(job_id)
             entry = self.entries.get(job_id)
             if entry is not None:
@@ -244,7 +291,10 @@ class SchedulerCore:
             if job_id in flight.new_tokens:
                 flight.job_ids.remove(job_id)
                 del flight.new_tokens[job_id]
-                self.busy.discard(job_id)
+                self._busy_done(job_id)
+                if job_id in self.busy and self.last_batch[job_id][0] == batch_id:
+                    # the job's earlier batch is still in flight: it is the latest one again
+                    self.last_batch[job_id] = (self._earlier_batch(job_id, batch_id), 1)
                 self._release_if_ended(job_id)
                 if job_id in self.entries:
                     self.blocked.add(job_id)
@@ -275,12 +325,12 @@ class SchedulerCore:
 
         Their results will never come; the KV manager reports which jobs lost their KV (KVChanged).
         """
+        self.busy.clear()
+        self.last_batch.clear()
         for flight in self.in_flight.values():
             for job_id in flight.job_ids:
-                self.busy.discard(job_id)
                 self._release_if_ended(job_id)
         self.in_flight.clear()
-        self.busy.clear()
         self.blocked.clear()
 
     def update(self, msg: StepOutput, now: float) -> list[JobEvent]:
@@ -288,7 +338,8 @@ class SchedulerCore:
         flight = self.in_flight.pop(msg.batch_id, None)
         if flight is None:
             return []
-        self.busy.difference_update(flight.job_ids)
+        for job_id in flight.job_ids:
+            self._busy_done(job_id)
         if msg.error:  # a stage failed on this batch: its jobs end with `internal`, the rest go on
             events = []
             for job_id in flight.job_ids:
@@ -297,6 +348,7 @@ class SchedulerCore:
                     self._end(entry, JobStatus.FAILED, now)
                     self.counters.failed += 1
                     events.append(JobEvent(job_id, [], "error", "internal", msg.error))
+            self._release_ended(flight)  # jobs cancelled while in this batch
             return events
         self.counters.iterations += 1
         self.counters.compute_s += msg.compute_s
@@ -366,8 +418,11 @@ class SchedulerCore:
         else:
             self.to_free.append(job.job_id)
 
+    def _earlier_batch(self, job_id: int, batch_id: int) -> int:
+        return max(b for b, f in self.in_flight.items() if b != batch_id and job_id in f.new_tokens)
+
     def _release_if_ended(self, job_id: int) -> None:
-        if job_id in self.ended_in_flight:
+        if job_id in self.ended_in_flight and job_id not in self.busy:
             self.ended_in_flight.discard(job_id)
             self.to_free.append(job_id)
 
@@ -396,6 +451,7 @@ class SchedulerCore:
             "held_back": c.held_back,
             "recomputes": c.recomputes,
             "submits_rejected": c.rejected,
+            "jobs_carried": c.carried,
             "compute_s": c.compute_s,
             **{f"jobs_level_{level}": n for level, n in Counter(e.job.level for e in self.entries.values()).items()},
         }

@@ -181,12 +181,13 @@ def build_core(scheduler: Any, num_stages: int, eos_token_ids: tuple[int, ...], 
         from common.profile import Profile
 
         prefill_time = Profile.load(scheduler.profile).prefill_time
-    return SchedulerCore(make_policy(scheduler, prefill_time), num_stages, eos_token_ids, send_run_order=send_run_order)
+    return SchedulerCore(make_policy(scheduler, prefill_time), num_stages, eos_token_ids, send_run_order=send_run_order,
+                         overlap=scheduler.overlap)
 
 
 def to_wire(step: Step) -> ScheduleBatch:
     return ScheduleBatch(step.batch_id, step.job_ids, step.num_new_tokens, step.context_lens, step.sampling,
-                         step.input_ids, step.freed_job_ids, step.run_order, step.in_flight_job_ids)
+                         step.input_ids, step.freed_job_ids, step.run_order, step.in_flight_job_ids, step.carry_from)
 
 
 def from_wire(msg: BatchResult) -> StepOutput:

@@ -1,7 +1,7 @@
 """The simulator and the scheduler service run one core: the same inputs give the same decisions.
 
-The simulator runs a workload with swapping under memory pressure (holds, offloads, uploads) and two
-pipeline stages, and every call it makes into its SchedulerCore is taped. The tape is then replayed
+The simulator runs a workload with swapping under memory pressure (holds, offloads, uploads), two
+pipeline stages and overlapped scheduling (decode jobs carried into the next batch), and every call it makes into its SchedulerCore is taped. The tape is then replayed
 into a core built the way the scheduler process builds it (`build_core`), with every input crossing
 the wire as the process receives it (encoded, decoded, translated by the service's `from_wire`) and
 every step leaving through `to_wire`. Each step and each job event must be the same.
@@ -82,7 +82,7 @@ def test_the_service_core_makes_the_simulators_decisions(policy, swaps):
     capacity = memory.capacity()
     core.set_capacity(wire(KVCapacity(capacity.device_blocks, capacity.host_blocks, capacity.block_size,
                                       capacity.headroom_blocks)))
-    steps = events = 0
+    steps = events = carried = 0
     for name, args, kwargs, out in tape:
         if name == "submit":
             msg, now = args
@@ -102,7 +102,9 @@ def test_the_service_core_makes_the_simulators_decisions(policy, swaps):
             assert sorted(batch.in_flight_job_ids) == sorted(out.in_flight_job_ids)
             assert batch.sampling.step == out.sampling.step
             assert len(batch.input_ids) == sum(batch.num_new_tokens)
+            assert batch.carry_from == out.carry_from
             steps += 1
+            carried += sum(b >= 0 for b in out.carry_from)
         elif name == "planned":
             batch_id, held, dropped, copies = args
             msg = wire(BatchPlanned(batch_id, held, dropped, 0, copies))
@@ -119,4 +121,5 @@ def test_the_service_core_makes_the_simulators_decisions(policy, swaps):
             msg = wire(KVChanged(0, copies, dropped))
             core.kv_changed(msg.copies_in_flight, msg.dropped_job_ids)
     assert core.idle and steps > 100 and events == sum(r.output_len for r in result.records)
+    assert carried > 0  # overlapped scheduling (on by default) carried decode jobs into the next batch
     assert np.isfinite(core.counters.compute_s)

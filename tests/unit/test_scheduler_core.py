@@ -212,3 +212,69 @@ def test_a_second_submit_of_a_live_job_id_is_dropped_and_never_ends_the_live_job
     (event,) = core.update(result(batch, [42]), 0.2)
     assert (event.job_id, event.token_ids, event.finish_reason) == (1, [42], "")
     assert core.stats()["submits_rejected"] == 1
+
+
+def overlapped(stages: int = 1, **knobs) -> SchedulerCore:
+    return SchedulerCore(make_policy(SchedulerConfig(policy="fcfs", **knobs)), stages, (EOS,), overlap=True)
+
+
+def test_overlap_carries_a_decode_job_into_the_next_batch_before_its_token_is_back():
+    core = overlapped()
+    core.submit(submit(1, [10, 11, 12], max_tokens=4), 0.0)
+    prefill = core.schedule(0.0)
+    assert core.schedule(0.0) is None  # a job in prefill is not carried: its next input is not a decode
+    core.update(result(prefill, [42]), 0.1)
+    b1 = core.schedule(0.1)
+    b2 = core.schedule(0.1)  # one stage, one more batch in flight: b1's job carried
+    assert (b1.context_lens, b1.sampling.step, b1.carry_from) == ([3], [1], [])
+    assert (b2.job_ids, b2.num_new_tokens, b2.context_lens, b2.sampling.step) == ([1], [1], [4], [2])
+    assert b2.carry_from == [b1.batch_id] and b2.input_ids.tolist() == [0]  # stage 0 fills the token in
+    assert core.schedule(0.1) is None  # at most one carried batch per job
+    (e1,) = core.update(result(b1, [43]), 0.2)
+    (e2,) = core.update(result(b2, [44]), 0.3)
+    assert (e1.token_ids, e2.token_ids) == ([43], [44])
+    b3 = core.schedule(0.3)
+    assert (b3.context_lens, b3.input_ids.tolist(), b3.sampling.step, b3.carry_from) == ([5], [44], [3], [])
+    # b3 makes the job's 4th and last token: it is not carried past it
+    assert core.schedule(0.3) is None
+    (e3,) = core.update(result(b3, [45]), 0.4)
+    assert e3.finish_reason == "length" and core.stats()["jobs_carried"] == 1
+
+
+def test_a_stop_token_ends_a_carried_job_one_batch_late_and_its_extra_token_is_never_emitted():
+    core = overlapped()
+    core.submit(submit(1, [5], max_tokens=50), 0.0)
+    core.update(result(core.schedule(0.0), [6]), 0.1)
+    b1, b2 = core.schedule(0.1), core.schedule(0.1)
+    assert b2.carry_from == [b1.batch_id]
+    (stop,) = core.update(result(b1, [EOS]), 0.2)
+    assert stop.finish_reason == "stop"
+    housekeeping = core.schedule(0.2)
+    assert housekeeping is None or housekeeping.freed_job_ids == []  # b2 still holds the job's KV
+    assert core.update(result(b2, [7]), 0.3) == []  # the extra token is dropped
+    assert core.schedule(0.3).freed_job_ids == [1]
+
+
+def test_a_carried_job_held_back_by_the_kv_manager_is_carried_again_later():
+    core = overlapped()
+    core.submit(submit(1, [5], max_tokens=50), 0.0)
+    core.update(result(core.schedule(0.0), [6]), 0.1)
+    b1, b2 = core.schedule(0.1), core.schedule(0.1)
+    core.planned(b2.batch_id, [1], [], 0)  # no room for its next token
+    core.update(result(b1, [8]), 0.2)
+    core.kv_changed(0, [])
+    b3 = core.schedule(0.2)
+    assert (b3.job_ids, b3.context_lens, b3.input_ids.tolist(), b3.carry_from) == ([1], [2], [8], [])
+    core.update(result(b2, []), 0.2)
+
+
+def test_a_cancelled_carried_job_is_freed_once_both_its_batches_are_back():
+    core = overlapped(stages=2)
+    core.submit(submit(1, [5], max_tokens=50), 0.0)
+    core.update(result(core.schedule(0.0), [6]), 0.1)
+    b1, b2 = core.schedule(0.1), core.schedule(0.1)
+    core.cancel(1, 0.15)
+    assert core.update(result(b1, [7]), 0.2) == []
+    assert core.to_free == []
+    core.update(result(b2, [8]), 0.3)
+    assert core.to_free == [1]
