@@ -100,6 +100,17 @@ def test_a_client_silent_for_its_lease_is_reported_once_and_a_message_renews_it(
     assert leases.expired(2.0) == [b"a"] and len(leases) == 0
 
 
+def test_time_ingress_did_not_run_does_not_count_against_clients():
+    leases = Leases(1.0)
+    leases.heard(b"a", 0.0)
+    assert leases.expired(0.4) == []
+    assert leases.expired(5.0) == []  # 4.6 s without a sweep: ingress was stalled, a's heartbeats wait unread
+    leases.heard(b"b", 5.1)
+    assert leases.expired(5.3) == []  # a was silent 0.4 + 0.3 s of ingress's running time
+    assert leases.expired(5.7) == [b"a"]
+    assert leases.expired(6.1) == [b"b"]
+
+
 def test_only_clients_with_live_requests_have_anything_to_cancel():
     c = core()
     submit(c)
