@@ -17,7 +17,8 @@ import common.messages  # noqa: F401  (registers the internal messages)
 import common.protocol  # noqa: F401  (registers the client messages)
 from common import codec
 from common.codec import DecodeError, OneOf, Range
-from common.messages import BatchSampling, JobEvent, MsgType, ScheduleBatch, StageBatch, Stats, SubmitJob, SwapOp
+from common.messages import (BatchSampling, JobEvent, MsgType, SampledTokens, ScheduleBatch, StageBatch, Stats, SubmitJob,
+                             SwapOp)
 
 
 def _batch_columns(rng: random.Random) -> dict:
@@ -32,8 +33,10 @@ def _batch_columns(rng: random.Random) -> dict:
 
 
 def _schedule_batch(rng: random.Random) -> ScheduleBatch:
-    return ScheduleBatch(batch_id=rng.randint(0, 99), **_batch_columns(rng), freed_job_ids=[7],
-                         run_order=[1, 0], in_flight_job_ids=[5])
+    cols = _batch_columns(rng)
+    carry = [rng.choice([-1, 3]) if n == 1 else -1 for n in cols["num_new_tokens"]] if rng.random() < 0.5 else []
+    return ScheduleBatch(batch_id=rng.randint(0, 99), **cols, freed_job_ids=[7],
+                         run_order=[1, 0], in_flight_job_ids=[5], carry_from=carry)
 
 
 def _stage_batch(rng: random.Random) -> StageBatch:
@@ -44,8 +47,13 @@ def _stage_batch(rng: random.Random) -> StageBatch:
                       swap_out=[swap], swap_in=[], hidden=hidden, compute_s=rng.uniform(0, 1))
 
 
+def _sampled_tokens(rng: random.Random) -> SampledTokens:
+    n = rng.randint(0, 4)
+    return SampledTokens(batch_id=rng.randint(0, 99), job_ids=list(range(n)), token_ids=[rng.randint(-1, 300) for _ in range(n)])
+
+
 # Messages whose fields must agree with each other (per-job columns): built, not sampled field by field.
-WITH_INVARIANTS = {ScheduleBatch: _schedule_batch, StageBatch: _stage_batch}
+WITH_INVARIANTS = {ScheduleBatch: _schedule_batch, StageBatch: _stage_batch, SampledTokens: _sampled_tokens}
 
 
 def sample(hint, rng: random.Random, depth: int = 0):
