@@ -112,7 +112,7 @@ def test_an_op_completes_only_when_every_stage_acked():
     [
         ({"A": 0}, (), "integer > 0"),
         ({"A": 2.5}, (), "integer > 0"),
-        ({"A": 4}, ("A",), "already in a batch in flight"),
+        ({"A": 4}, ("A",), "in a batch in flight but holds no KV"),
         ({"A": 33}, (), "can_ever_fit"),
     ],
 )
