@@ -76,16 +76,25 @@ def connect_dealer(ctx: zmq.Context, address: str) -> Any:
 # plain socket sharing the asyncio socket's handle; only when ZeroMQ would block does the asyncio
 # socket's future machinery run. Measured on a PUSH/PULL pair: 31 us per message through the futures,
 # 9 us directly. Order is kept: a direct send is tried only while no awaited send is pending.
+#
+# Only one-way sockets take it: sends on PUSH, receives on PULL. ZeroMQ's descriptor is edge-triggered,
+# and any call on a socket may consume the edge that announces a message; pyzmq's futures re-check the
+# socket's events after each of their own calls, a direct call does not. On a DEALER that one task reads
+# while another sends, a direct send could swallow the arrival of a reply and leave the reader asleep
+# until some later traffic (tests/component/test_sockets_fast_path.py).
 
 
 class _Fast:
     """The plain twin of one asyncio socket, and how many of its sends are awaiting room."""
 
-    __slots__ = ("plain", "pending")
+    __slots__ = ("plain", "pending", "sends", "receives")
 
     def __init__(self, sock: Any) -> None:
         self.plain = zmq.Socket.shadow(sock.underlying)
         self.pending = 0
+        kind = self.plain.type
+        self.sends = kind == zmq.PUSH  # a socket that is never read
+        self.receives = kind == zmq.PULL  # a socket that is never written
 
 
 def _fast(sock: Any) -> _Fast | None:
@@ -106,7 +115,7 @@ async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
     if fast is None:
         await sock.send_multipart(frames, copy=copy)
         return
-    if not fast.pending:
+    if fast.sends and not fast.pending:
         try:
             fast.plain.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
             return
@@ -121,7 +130,7 @@ async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
 
 async def _recv_frames(sock: Any) -> list:
     fast = _fast(sock)
-    if fast is not None:
+    if fast is not None and fast.receives:
         try:
             return fast.plain.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
