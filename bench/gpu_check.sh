@@ -15,7 +15,7 @@
 #   copy_check     CudaCopyExecutor on a real /dev/shm HostPool (cudaHostRegister through CuPy) vs torch pinned copies:
 #                  bandwidth (contiguous / scattered / small blocks), copy/compute overlap, upload/offload ordering
 #   tests_gpu      pytest tests/gpu with FASTSERVE_REQUIRE_CUDA=1 (a skipped GPU test fails; junit kept)
-#   model_step_*   bench.model_step (the project's benchmark, default model) on CUDA, and a Llama-3.2-1B-shaped model
+#   model_step_*   bench.model_step (the project's benchmark, tiny model) on CUDA, and a Llama-3.2-1B-shaped model
 #                  (random weights, bf16) vs transformers on the same weights, with our reference and FlashInfer
 #                  attention backends, kernel counts and GPU-busy share
 #   attn_bench     one decode attention layer at the Llama-3-8B shape: the torch reference (gather + SDPA) vs SDPA on
@@ -704,7 +704,7 @@ def ordering():
         from workers.model.batch import StepInput
         from workers.model.runner import StageRunner
 
-        runner = StageRunner.build("default", num_blocks=64, block_size=16, device="cuda", dtype="bfloat16")
+        runner = StageRunner.build("tiny", num_blocks=64, block_size=16, device="cuda", dtype="bfloat16")
         step = StepInput([0], [16], [0], [[0]], token_ids=torch.arange(16))
         runner.forward(step)
         sync()
@@ -1239,8 +1239,8 @@ def tokens(out):
     return None
 
 
-base = [py, "-m", "services.cli", "generate", "--set", "parallel.num_stages=1", "--prompt-ids", "5,17,3,44,9,23,100,7",
-        "--max-tokens", "32"]
+base = [py, "-m", "services.cli", "generate", "--model", "tiny", "--set", "parallel.num_stages=1",
+        "--prompt-ids", "5,17,3,44,9,23,100,7", "--max-tokens", "32"]
 got = {}
 for name, extra in {"cpu_fp32": ["--set", "model.device=cpu"],
                     "cuda_fp32": ["--set", "model.device=cuda", "--set", "model.dtype=float32"],
@@ -1261,8 +1261,8 @@ rc, out, err = run(base + ["--set", "model.device=cuda"], env=hidden)
 res["no_visible_gpu_generate"] = {"rc": rc, "stderr_tail": err.strip()[-300:]}
 rc, out, err = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], env=hidden, timeout=180)
 res["no_visible_gpu_pytest_tests_gpu"] = {"rc": rc, "summary": (out.strip().splitlines() or [""])[-1]}
-rc, out, err = run([py, "-m", "services.cli", "worker", "--stage", "0", "--set", "parallel.num_stages=1",
-                    "--set", "model.device=cuda"], env=hidden, timeout=60)
+rc, out, err = run([py, "-m", "services.cli", "worker", "--stage", "0", "--set", "model.path=tiny",
+                    "--set", "parallel.num_stages=1", "--set", "model.device=cuda"], env=hidden, timeout=60)
 res["no_visible_gpu_worker"] = {"rc": rc, "stderr_tail": err.strip()[-300:]}
 save()
 print(json.dumps(res, indent=1))
@@ -1597,7 +1597,7 @@ if [ -n "$PY_RUN" ] && [ -x "$PY_RUN" ]; then
   step model_step_1b 170 "$PY_RUN" "$WORK/py/model_step_gpu.py" "$RES/model_step_1b.json"
   step attn_bench 75 "$PY_RUN" "$WORK/py/attn_bench.py" "$RES/attn.json"
   # no HTTP front door (not a GPU matter, and it needs fastapi/uvicorn a bare GPU host may lack)
-  step stack_smoke 100 "$PY_RUN" -m services.cli demo --stages 2 --set model.device=cuda --set endpoints.http= \
+  step stack_smoke 100 "$PY_RUN" -m services.cli demo --model tiny --stages 2 --set model.device=cuda --set endpoints.http= \
     --set cache.num_gpu_blocks=32 --set cache.headroom_blocks=4 --set cache.num_host_blocks=512 --set scheduler.profile= \
     --requests 24 --log-level info
   reap

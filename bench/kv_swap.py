@@ -3,7 +3,7 @@
     python -m bench.kv_swap real [--num 120] [--rate 6] [--blocks 48]     # the 2-stage CPU stack
     python -m bench.kv_swap sim  [--num 2000]                               # GPT-3 175B at paper scale
 
-Real: the default model, a device pool of `--blocks` blocks per stage (a fraction of what the
+Real: the tiny model, a device pool of `--blocks` blocks per stage (a fraction of what the
 workload's live jobs hold), the same Zipf/Gamma workload and seed for every mode, one stack per mode
 in one run. Reports average and p99 JCT, the ratios against proactive, swaps and the fraction of copy
 time hidden behind computation (from the stage workers' copy executors, via the stats message).
@@ -34,7 +34,7 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from common.client import AsyncClient
 
     config = config_mod.load(None, [
-        "scheduler.policy=skip-join-mlfq", f"cache.swap={mode}", f"cache.num_gpu_blocks={args.blocks}",
+        "model.path=tiny", "scheduler.policy=skip-join-mlfq", f"cache.swap={mode}", f"cache.num_gpu_blocks={args.blocks}",
         "cache.headroom_blocks=4", "cache.num_host_blocks=4096", f"scheduler.max_jobs={args.max_jobs}",
         f"scheduler.base_quantum_s={args.quantum}",
     ])
@@ -85,7 +85,7 @@ def real(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{mode:>10}: avg JCT {jct(run, 'mean'):.2f} s  p99 {jct(run, 'p99'):.2f} s  swaps "
               f"{run['swaps_out']}/{run['swaps_in']}  dropped {run['dropped']}  errors {run['errors']}", flush=True)
         runs.append(run)
-    return {"what": "2-stage CPU stack, default model, skip-join-mlfq", "num": args.num, "rate": args.rate,
+    return {"what": "2-stage CPU stack, tiny model, skip-join-mlfq", "num": args.num, "rate": args.rate,
             "cv": 2.0, "device_blocks_per_stage": args.blocks, "block_size": 16, "seed": args.seed, "runs": runs}
 
 

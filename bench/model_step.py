@@ -1,6 +1,6 @@
 """One decode iteration of our stack-free model step against transformers' forward with its KV cache.
 
-Same weights (a transformers LlamaForCausalLM of the default model's shape, saved and loaded by our
+Same weights (a transformers LlamaForCausalLM of the tiny model's shape, saved and loaded by our
 loader), same batch: B jobs each holding `context` cached tokens produce one token each. Both sides
 run consecutive decode steps from the same prefilled state, timed alternately (ours, theirs, ours,
 ...) so that load from other processes hits both alike; the median step time of each is reported.
@@ -23,7 +23,7 @@ import torch
 from workers.model.batch import StepInput
 from common.model.layout import blocks_needed
 from workers.model.runner import StageRunner
-from common.model.spec import ModelSpec, default_spec
+from common.model.spec import ModelSpec, tiny_spec
 
 RESULTS = Path(__file__).parent / "results" / "model_step.json"
 
@@ -102,7 +102,7 @@ def compare(runner: StageRunner, model, batch: int, context: int, steps: int, de
 
 def measure(batches: list[int], contexts: list[int], steps: int, device: str, dtype_name: str) -> dict:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    spec = default_spec()
+    spec = tiny_spec()
     model = hf_model(spec, device, dtype)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -120,7 +120,7 @@ def measure(batches: list[int], contexts: list[int], steps: int, device: str, dt
     import transformers
 
     return {
-        "model": "default shape (llama, hidden 256, 4 layers, 8 heads / 4 kv heads, vocab 259)",
+        "model": "tiny model shape (llama, hidden 256, 4 layers, 8 heads / 4 kv heads, vocab 259)",
         "device": device, "dtype": dtype_name, "steps": steps, "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),

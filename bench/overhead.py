@@ -46,7 +46,7 @@ def percentile(xs: list[float], q: float) -> float:
 def in_process(batch: int, tokens: int, stages: int) -> dict:
     torch.set_num_threads(1)
     blocks = -(-(PROMPT_LEN + tokens + 1) // 16)  # per job
-    engine = OfflineEngine.build("default", num_stages=stages, num_blocks=batch * blocks)
+    engine = OfflineEngine.build("tiny", num_stages=stages, num_blocks=batch * blocks)
     jobs = []
     for i in range(batch):
         job = _Job(i, [(7 * i + k) % 256 for k in range(PROMPT_LEN)], PROMPT_LEN, SamplingParams(max_tokens=tokens + 1))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {row['added_ms_p99'] * 1e3:.0f} us; stack compute {stack['worker_compute_ms_per_iteration']:.2f} ms/iter; "
               "CPU us/iter " + " ".join(f"{r} {v:.0f}" for r, v in stack["cpu_us_per_iteration"].items()),
               flush=True)
-    result = {"model": "default", "stages": args.stages, "decode_tokens_per_job": args.tokens, "overrides": args.set,
+    result = {"model": "tiny", "stages": args.stages, "decode_tokens_per_job": args.tokens, "overrides": args.set,
               "torch_threads_in_process": 1, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -22,11 +22,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "default"  # "default" (built-in seeded random Llama), "smollm2-135m" or a HF checkpoint directory
+    # "smollm2-135m" (SmolLM2-135M-Instruct, converted from its GGUF on first use), "tiny" (built-in seeded
+    # random Llama, for tests and scheduler benchmarks; "default" is its old name) or a HF checkpoint directory
+    path: str = "smollm2-135m"
     dtype: str = "auto"  # weights and activations; "auto" becomes bfloat16 on CUDA, float32 on CPU
     device: str = "cpu"  # "cpu" or "cuda"; the GPU of each stage is parallel.devices
     attention: str = "auto"  # "reference" (torch), "flashinfer", or "auto": FlashInfer on CUDA when importable
-    seed: int = 0  # weight seed of the built-in default model
+    seed: int = 0  # weight seed of the built-in tiny model
     max_context: int = 0  # tokens; 0 = the model's own max_position_embeddings
 
     def __post_init__(self) -> None:
@@ -288,8 +290,9 @@ def build(values: dict[str, Any]) -> Config:
 
 
 def _model_dir(path: str) -> str:
-    """A model name (smollm2-135m) as its cached directory, converted on first use; every process loads its
-    config here, so all of them (and the config file the launcher hands its children) see the same directory."""
+    """A model name as what it means: smollm2-135m as its cached directory (converted on first use), an alias
+    as "tiny". Every process loads its config here, so all of them (and the config file the launcher hands
+    its children) see the same path."""
     from common.model.spec import ModelError, resolve_model  # lazy: only this needs the model code
 
     try:
@@ -303,24 +306,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTSERVE_CACHE") or Path.home() / ".cache" / "fastserve")
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a TOML file (or the defaults) and apply `section.key=value` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         defaults: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML file (or the defaults) and apply `section.key=value` overrides; `defaults` (same form) are a
+    command's own defaults, which the file and the overrides both win over."""
     values: dict[str, Any] = {}
+    _apply(values, defaults)
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            values = tomllib.loads(p.read_text())
+            loaded = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-    for item in overrides:
+        for section, table in loaded.items():
+            if isinstance(table, dict) and isinstance(values.get(section), dict):
+                values[section] = {**values[section], **table}
+            else:
+                values[section] = table
+    _apply(values, overrides)
+    return build(values)
+
+
+def _apply(values: dict[str, Any], items: list[str] | tuple[str, ...]) -> None:
+    for item in items:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. scheduler.policy=fcfs)")
         values.setdefault(section, {})[name] = value.strip()
-    return build(values)
 
 
 def dumps(config: Config) -> str:

@@ -4,7 +4,7 @@ File format (JSON):
 
     {
       "version": 1,
-      "model": "default", "device": "cpu", "dtype": "float32", "num_stages": 1,
+      "model": "tiny", "device": "cpu", "dtype": "float32", "num_stages": 1,
       "block_size": 16,
       "prefill": {"input_len": [16, 32, ...], "seconds": [...]},        # batch size 1, whole model
       "decode": {"batch_size": [1, 2, ...], "context_len": [64, ...],

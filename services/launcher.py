@@ -28,6 +28,7 @@ from common import config as config_mod
 from common import sockets
 from common.codec import DecodeError
 from common.messages import Exit, Ready
+from common.model.spec import TINY
 
 READY_TIMEOUT_S = 300.0  # model loading on a slow machine; a stack that is not up by then failed
 DRAIN_TIMEOUT_S = 5.0  # time ingress gets to tell clients before the stack is stopped
@@ -64,7 +65,7 @@ def cached_profile(config: config_mod.Config) -> str:
     the user's cache directory (FASTSERVE_CACHE or ~/.cache/fastserve).
     """
     m = config.model
-    key = json.dumps([str(Path(m.path).resolve()) if m.path != "default" else "default", m.seed, m.dtype, m.device,
+    key = json.dumps([str(Path(m.path).resolve()) if m.path != TINY else TINY, m.seed, m.dtype, m.device,
                       m.max_context, config.cache.block_size, config.parallel.num_stages])
     cache = config_mod.cache_dir()
     path = cache / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -231,7 +232,7 @@ async def launch(config: config_mod.Config, log_level: str) -> int:
 def build_parser(prog: str = "fastserve up") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="start the whole stack on this machine")
     parser.add_argument("--config", help="TOML config file (defaults when omitted)")
-    parser.add_argument("--model", help="'default', 'smollm2-135m' or a Hugging Face checkpoint directory")
+    parser.add_argument("--model", help="'smollm2-135m' (the default), 'tiny' (seeded random) or a Hugging Face checkpoint directory")
     parser.add_argument("--stages", type=int, help="pipeline stages (one worker process each)")
     parser.add_argument("--policy", help="scheduling policy")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")

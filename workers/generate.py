@@ -23,7 +23,7 @@ class _UsageError(Exception):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastserve generate", description="greedy (or sampled) continuation of one prompt")
-    p.add_argument("--model", help="'default', 'smollm2-135m' or a Hugging Face checkpoint directory (overrides the config)")
+    p.add_argument("--model", help="'smollm2-135m' (default), 'tiny' or a Hugging Face checkpoint directory (overrides the config)")
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     src = p.add_mutually_exclusive_group(required=True)

@@ -40,7 +40,7 @@ class OfflineEngine:
         self.block_size, self.num_blocks = runners[0].block_size, runners[0].num_blocks
 
     @classmethod
-    def build(cls, path: str = "default", num_stages: int = 1, num_blocks: int = 512, block_size: int = 16,
+    def build(cls, path: str = "tiny", num_stages: int = 1, num_blocks: int = 512, block_size: int = 16,
               device: str = "cpu", dtype: str = "float32", seed: int = 0, max_context: int = 0,
               max_jobs: int = 32, max_prefill_tokens: int = 2048) -> "OfflineEngine":
         spec = with_context_limit(load_spec(path), max_context)

@@ -22,7 +22,7 @@ from workers.offline import OfflineEngine
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastserve profile", description="measure iteration times for skip-join and the simulator")
-    p.add_argument("--model", help="'default', 'smollm2-135m' or a Hugging Face checkpoint directory (overrides the config)")
+    p.add_argument("--model", help="'smollm2-135m' (default), 'tiny' or a Hugging Face checkpoint directory (overrides the config)")
     p.add_argument("--config", help="TOML config file (model, cache.block_size, parallel.num_stages)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     p.add_argument("--out", required=True, help="JSON file to write")

@@ -35,8 +35,8 @@ def tokens(out):
     return None
 
 
-base = [py, "-m", "services.cli", "generate", "--set", "parallel.num_stages=1", "--prompt-ids", "5,17,3,44,9,23,100,7",
-        "--max-tokens", "32"]
+base = [py, "-m", "services.cli", "generate", "--model", "tiny", "--set", "parallel.num_stages=1",
+        "--prompt-ids", "5,17,3,44,9,23,100,7", "--max-tokens", "32"]
 got = {}
 for name, extra in {"cpu_fp32": ["--set", "model.device=cpu"],
                     "cuda_fp32": ["--set", "model.device=cuda", "--set", "model.dtype=float32"],
@@ -57,8 +57,8 @@ rc, out, err = run(base + ["--set", "model.device=cuda"], env=hidden)
 res["no_visible_gpu_generate"] = {"rc": rc, "stderr_tail": err.strip()[-300:]}
 rc, out, err = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"], env=hidden, timeout=180)
 res["no_visible_gpu_pytest_tests_gpu"] = {"rc": rc, "summary": (out.strip().splitlines() or [""])[-1]}
-rc, out, err = run([py, "-m", "services.cli", "worker", "--stage", "0", "--set", "parallel.num_stages=1",
-                    "--set", "model.device=cuda"], env=hidden, timeout=60)
+rc, out, err = run([py, "-m", "services.cli", "worker", "--stage", "0", "--set", "model.path=tiny",
+                    "--set", "parallel.num_stages=1", "--set", "model.device=cuda"], env=hidden, timeout=60)
 res["no_visible_gpu_worker"] = {"rc": rc, "stderr_tail": err.strip()[-300:]}
 save()
 print(json.dumps(res, indent=1))

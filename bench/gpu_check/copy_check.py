@@ -371,7 +371,7 @@ def ordering():
         from workers.model.batch import StepInput
         from workers.model.runner import StageRunner
 
-        runner = StageRunner.build("default", num_blocks=64, block_size=16, device="cuda", dtype="bfloat16")
+        runner = StageRunner.build("tiny", num_blocks=64, block_size=16, device="cuda", dtype="bfloat16")
         step = StepInput([0], [16], [0], [[0]], token_ids=torch.arange(16))
         runner.forward(step)
         sync()

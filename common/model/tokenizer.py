@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from common.model.spec import DEFAULT, ModelError, default_spec
+from common.model.spec import TINY, ModelError, tiny_spec
 
 
 class Tokenizer(Protocol):
@@ -52,11 +52,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer | None:
-    """The tokenizer of a model: bytes for "default", tokenizer.json for a directory, None when it has none."""
-    if path == DEFAULT:
-        return ByteTokenizer(default_spec().vocab_size)
+    """The tokenizer of a model: bytes for "tiny", tokenizer.json for a directory, None when it has none."""
+    if path == TINY:
+        return ByteTokenizer(tiny_spec().vocab_size)
     d = Path(path)
     if not d.is_dir():
-        raise ModelError(f"model directory {path!r} does not exist (use a Hugging Face checkpoint directory or 'default')")
+        raise ModelError(f"model directory {path!r} does not exist "
+                         "(use a Hugging Face checkpoint directory, 'smollm2-135m' or 'tiny')")
     file = d / "tokenizer.json"
     return HFTokenizer(file) if file.is_file() else None

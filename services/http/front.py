@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.client import AsyncClient
+from common.model.spec import TINY
 from common.protocol import ErrorCode
 from services.http.chat import ChatTemplate, ChatTemplateError
 from services.http.errors import ApiError
@@ -38,10 +39,9 @@ class PromptEncoder:
 
     @classmethod
     def for_model(cls, path: str) -> "PromptEncoder":
-        from common.model.spec import DEFAULT
         from common.model.tokenizer import load_tokenizer
 
-        if path == DEFAULT:  # bytes: no special tokens to add or skip
+        if path == TINY:  # bytes: no special tokens to add or skip
             tok = load_tokenizer(path)
             return cls(lambda text, special: tok.encode(text))
         file = Path(path) / "tokenizer.json"
@@ -83,7 +83,7 @@ class FrontDoor:
         self.client = client
         self.model = model
         self.encoder = encoder
-        self.pieces = pieces or TokenPieces.for_model("default")  # token ids as text, for logprobs
+        self.pieces = pieces or TokenPieces.for_model(TINY)  # token ids as text, for logprobs
         self.template = template
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
@@ -92,13 +92,13 @@ class FrontDoor:
     @classmethod
     def from_config(cls, config: Any) -> "FrontDoor":
         """Read the model's spec, tokenizer and chat template; the client connects on first use."""
-        from common.model.spec import DEFAULT, load_spec
+        from common.model.spec import load_spec
 
         path = config.model.path
         spec = load_spec(path)
-        name = config.http.model_name or (DEFAULT if path == DEFAULT else Path(path).name)
+        name = config.http.model_name or (TINY if path == TINY else Path(path).name)
         model = ServedModel(name, config.model.max_context or spec.max_context, int(time.time()))
-        template = ChatTemplate.fallback() if path == DEFAULT else ChatTemplate.for_model(path)
+        template = ChatTemplate.fallback() if path == TINY else ChatTemplate.for_model(path)
         client = AsyncClient(config.endpoints.client, timeout=config.http.request_timeout_s)
         return cls(client, model, PromptEncoder.for_model(path), template, Metrics(),
                    config.http.default_max_tokens, config.http.max_body_bytes, TokenPieces.for_model(path))

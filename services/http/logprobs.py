@@ -27,10 +27,10 @@ class TokenPieces:
 
     @classmethod
     def for_model(cls, path: str) -> "TokenPieces":
-        from common.model.spec import DEFAULT
+        from common.model.spec import TINY
 
         file = Path(path) / "tokenizer.json"
-        if path == DEFAULT or not file.is_file():  # the built-in byte model: ids 0..255 are bytes, the rest special
+        if path == TINY or not file.is_file():  # the built-in byte model: ids 0..255 are bytes, the rest special
             return cls(lambda i: bytes([i]) if 0 <= i < 256 else b"")
         from tokenizers import Tokenizer
 

@@ -58,7 +58,7 @@ def tokens(*texts: str) -> list[TokenEvent]:
 @pytest.fixture
 async def app_client():
     fake = FakeClient()
-    front = FrontDoor(fake, ServedModel("default", 64, 0), PromptEncoder.for_model("default"), ChatTemplate.fallback(),
+    front = FrontDoor(fake, ServedModel("tiny", 64, 0), PromptEncoder.for_model("tiny"), ChatTemplate.fallback(),
                       Metrics(), default_max_tokens=16, max_body_bytes=4096)
     transport = httpx.ASGITransport(app=create_app(front))
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as http:
@@ -155,7 +155,7 @@ async def test_health_models_unknown_routes_and_body_limit(app_client):
     fake.stats_error = Unavailable("starting")
     response = await http.get("/health")
     assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
-    assert (await http.get("/v1/models")).json()["data"][0]["id"] == "default"
+    assert (await http.get("/v1/models")).json()["data"][0]["id"] == "tiny"
     response = await http.post("/v1/completions", json={"prompt": "hi", "model": "other"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert (await http.get("/v1/nothing")).json()["error"]["code"] == "not_found"

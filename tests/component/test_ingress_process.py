@@ -1,4 +1,4 @@
-"""`fastserve ingress` as a real process: ready handshake, the default model's tokenizer, a clean stop."""
+"""`fastserve ingress` as a real process: ready handshake, the tiny model's tokenizer, a clean stop."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ async def test_ingress_process_handshakes_serves_and_stops(tmp_path):
     sched_in = sockets.bind_inbox(ctx, sched)
     to_ingress = sockets.connect_push(ctx, inbox)
     overrides = [f"endpoints.client={client}", f"endpoints.ingress={inbox}", f"endpoints.scheduler={sched}",
-                 f"endpoints.control={control}", "model.max_context=128"]
+                 f"endpoints.control={control}", "model.path=tiny", "model.max_context=128"]
     args = [sys.executable, "-m", "services.ingress", *sum((["--set", o] for o in overrides), [])]
     proc = await asyncio.create_subprocess_exec(*args, stderr=asyncio.subprocess.PIPE)
     try:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from common.model.spec import default_spec
+from common.model.spec import tiny_spec
 from kernels.attention import FlashInferAttention, ReferenceAttention, flashinfer_unfit, make_attention
 from kernels.paged_attention import build_meta, store_kv
 from workers.model.batch import StepInput
@@ -54,7 +54,7 @@ def test_flashinfer_equals_the_reference_on_a_mixed_step(flashinfer_fits):
 
 
 def test_a_stage_on_flashinfer_follows_the_reference(flashinfer_fits):
-    spec = dataclasses.replace(default_spec(), head_dim=DIM)
+    spec = dataclasses.replace(tiny_spec(), head_dim=DIM)
     weights = random_weights(spec, 0)
     runs = {}
     for backend in ("reference", "flashinfer"):

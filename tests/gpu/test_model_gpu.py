@@ -23,8 +23,8 @@ def _decode(runner: StageRunner, prompt: list[int], steps: int, table: list[int]
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cuda_half_logits_follow_cpu_float32(dtype):
     prompt = list(range(40, 72))
-    cpu = StageRunner.build("default", num_blocks=16, block_size=16)
-    gpu = StageRunner.build("default", num_blocks=16, block_size=16, device="cuda", dtype=dtype)
+    cpu = StageRunner.build("tiny", num_blocks=16, block_size=16)
+    gpu = StageRunner.build("tiny", num_blocks=16, block_size=16, device="cuda", dtype=dtype)
     ref = _decode(cpu, prompt, 1, [3, 1, 7])[0]
     got = _decode(gpu, prompt, 1, [3, 1, 7])[0]
     tol = 0.05 if dtype == "float16" else 0.2
@@ -34,8 +34,8 @@ def test_cuda_half_logits_follow_cpu_float32(dtype):
 
 def test_cuda_float32_matches_cpu_over_decode_steps():
     prompt = [5, 17, 3, 44, 9, 23]
-    cpu = _decode(StageRunner.build("default", num_blocks=8, block_size=8), prompt, 32, [5, 0, 2, 6, 1])
-    gpu = _decode(StageRunner.build("default", num_blocks=8, block_size=8, device="cuda"), prompt, 32, [5, 0, 2, 6, 1])
+    cpu = _decode(StageRunner.build("tiny", num_blocks=8, block_size=8), prompt, 32, [5, 0, 2, 6, 1])
+    gpu = _decode(StageRunner.build("tiny", num_blocks=8, block_size=8, device="cuda"), prompt, 32, [5, 0, 2, 6, 1])
     assert [int(x.argmax()) for x in cpu] == [int(x.argmax()) for x in gpu]
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

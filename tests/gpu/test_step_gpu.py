@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_the_forward_never_waits_for_the_gpu():
-    runner = StageRunner.build("default", num_blocks=32, block_size=16, device="cuda", dtype="bfloat16",
+    runner = StageRunner.build("tiny", num_blocks=32, block_size=16, device="cuda", dtype="bfloat16",
                                attention="reference")
     step = StepInput([0, 1, 2], [1, 12, 1], [17, 0, 40], [[1, 2], [3], [4, 5, 6]], token_ids=torch.arange(14))
     runner.forward(step)  # warm-up: lazy initialisation may synchronize once

@@ -17,8 +17,8 @@ def test_a_cuda_worker_pins_its_host_pool_at_start(tmp_path):
     from workers.copy_executor.cuda import CudaCopyExecutor
 
     ep = [f"endpoints.{k}=ipc://{tmp_path}/{k}" for k in ("client", "ingress", "scheduler", "kvcache")]
-    config = config_mod.load(None, [*ep, "parallel.num_stages=2", "model.device=cuda", "cache.num_gpu_blocks=32",
-                                    "cache.headroom_blocks=2", "cache.num_host_blocks=64", "endpoints.http=",
+    config = config_mod.load(None, [*ep, "model.path=tiny", "parallel.num_stages=2", "model.device=cuda",
+                                    "cache.num_gpu_blocks=32", "cache.headroom_blocks=2", "cache.num_host_blocks=64", "endpoints.http=",
                                     f"endpoints.host_pool=fs_gpu_{uuid.uuid4().hex[:8]}", "scheduler.profile="])
     assert config.model.dtype == "bfloat16"
     with HostPool.create(config.endpoints.host_pool, HostPoolLayout.from_config(config)):

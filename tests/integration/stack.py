@@ -12,6 +12,8 @@ from pathlib import Path
 from bench.loadtest.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
+# Test stacks serve the built-in tiny model (it loads at once); an override may name another
+TINY_MODEL = "model.path=tiny"
 
 
 def local_overrides(num_stages: int) -> list[str]:
@@ -33,11 +35,11 @@ def local_overrides_of(args: list[str]) -> list[str]:
 
 
 class Stack:
-    """`fastserve up` with the given overrides; `endpoint` is what it printed once ready."""
+    """`fastserve up` on the tiny model with the given overrides; `endpoint` is what it printed once ready."""
 
     def __init__(self, overrides: list[str] = (), num_stages: int = 2, ready_timeout: float = 180.0) -> None:
         args = [sys.executable, "-m", "services.cli", "up", "--log-level", "warning"]
-        for item in [*local_overrides(num_stages), *overrides]:
+        for item in [TINY_MODEL, *local_overrides(num_stages), *overrides]:
             args += ["--set", item]
         self.log_lines: list[str] = []
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -96,7 +98,7 @@ class Processes:
 
         self.control = f"ipc://{tmp_dir}/control"
         pool = f"fastserve_test_{uuid.uuid4().hex[:8]}"
-        config = config_mod.load(None, [*local_overrides(num_stages), f"endpoints.control={self.control}",
+        config = config_mod.load(None, [TINY_MODEL, *local_overrides(num_stages), f"endpoints.control={self.control}",
                                         f"endpoints.host_pool={pool}", *overrides])
         self.config = config
         self.config_path = tmp_dir / "config.toml"

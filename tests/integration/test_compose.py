@@ -66,7 +66,8 @@ def test_compose_services_and_mounts():
 
 
 def local_config(tmp_path: Path, service_names: set[str]) -> Path:
-    """The mounted config with every `tcp://SERVICE:PORT` on 127.0.0.1 and a free port, and its own host pool."""
+    """The mounted config with every `tcp://SERVICE:PORT` on 127.0.0.1 and a free port, its own host pool, and
+    the tiny model."""
     mount = next(v for v in compose()["services"]["ingress"]["volumes"] if v.split(":")[1] == CONTAINER_CONFIG)
     text = (ROOT / mount.split(":")[0]).read_text()
     found = sorted(set(ADDRESS.findall(text)))
@@ -75,6 +76,7 @@ def local_config(tmp_path: Path, service_names: set[str]) -> Path:
     text = ADDRESS.sub(lambda m: f"tcp://127.0.0.1:{ports[(m.group(1), m.group(2))]}", text)
     text = re.sub(r'host_pool = "[^"]*"', f'host_pool = "fastserve_compose_{uuid.uuid4().hex[:8]}"', text)
     text = re.sub(r'^http = "[^"]*"', f'http = "127.0.0.1:{free_ports(1)[0]}"', text, flags=re.M)
+    text = re.sub(r'^path = "[^"]*"', 'path = "tiny"', text, flags=re.M)  # the wiring, not SmolLM2's load time
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
@@ -139,7 +141,7 @@ def test_compose_services_as_local_processes_serve_requests(tmp_path):
 
         http = re.search(r'^http = "([^"]+)"', config.read_text(), flags=re.M).group(1)
         reply = httpx.post(f"http://{http}/v1/completions", timeout=60,
-                           json={"model": "default", "prompt": "hi", "max_tokens": 3, "temperature": 0})
+                           json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3, reply.text
     finally:
         for name, p in procs.items():

@@ -17,15 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loadtest.launch import free_ports
 from common.client import Client
-from stack import ROOT, Stack
+from stack import ROOT, TINY_MODEL, Stack
 
-MODEL = "default"
+MODEL = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
 def start_http(client_endpoint: str) -> tuple[subprocess.Popen, str]:
     port = free_ports(1)[0]
-    args = [sys.executable, "-m", "services.cli", "http", "--log-level", "warning",
+    args = [sys.executable, "-m", "services.cli", "http", "--log-level", "warning", "--set", TINY_MODEL,
             "--set", f"endpoints.client={client_endpoint}", "--set", f"endpoints.http=127.0.0.1:{port}"]
     return subprocess.Popen(args, cwd=ROOT), f"http://127.0.0.1:{port}"
 

@@ -47,7 +47,7 @@ def test_a_chosen_host_pool_name_is_kept_and_the_run_directory_goes_with_the_sta
 
         assert httpx.get(f"{stack.http}/health", timeout=30).status_code == 200
         reply = httpx.post(f"{stack.http}/v1/completions", timeout=60,
-                           json={"model": "default", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+                           json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
     finally:

@@ -25,6 +25,7 @@ def test_policies_side_by_side_write_json_and_plots(tmp_path):
     assert proc.stdout.count("ratios vs fcfs") == 2
 
     result = json.loads(out.read_text())
+    assert result["config"]["model"]["path"] == "tiny"  # launched stacks compare policies on the tiny model
     runs = {(r["policy"], r["rate"]): r for r in result["runs"]}
     assert sorted(runs) == sorted((p, r) for p in POLICIES for r in (5.0, 10.0))
     lengths = None

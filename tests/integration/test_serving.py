@@ -1,4 +1,4 @@
-"""The whole stack as processes with the default model: outputs equal the in-process reference."""
+"""The whole stack as processes with the tiny model: outputs equal the in-process reference."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def make_requests(n: int, seed: int) -> list[tuple[list[int], int]]:
 
 
 def reference(requests: list[tuple[list[int], int]]) -> list[list[int]]:
-    engine = OfflineEngine.build("default", num_stages=1, num_blocks=2048)
+    engine = OfflineEngine.build("tiny", num_stages=1, num_blocks=2048)
     params = [SamplingParams(max_tokens=m) for _, m in requests]
     return engine.generate([p for p, _ in requests], params)
 
@@ -220,5 +220,5 @@ async def test_a_client_written_from_the_protocol_doc_streams_from_the_stack(sta
         ctx.term()
     assert streamed >= 1
     assert (event["finish_reason"], event["prompt_tokens"], event["completion_tokens"]) == ("length", 3, 12)
-    engine = OfflineEngine.build("default", num_stages=1, num_blocks=64)
+    engine = OfflineEngine.build("tiny", num_stages=1, num_blocks=64)
     assert tokens == engine.generate([[7, 8, 9]], [SamplingParams(max_tokens=12, ignore_eos=True)])[0]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.model.spec import ModelError, default_spec
+from common.model.spec import ModelError, tiny_spec
 from kernels.attention import AttentionError, ReferenceAttention, flashinfer_unfit, make_attention
 from kernels.paged_attention import build_meta, pack
 from workers.model import runner as runner_mod
@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 
 def test_the_reference_backend_is_the_one_used_on_cpu():
-    runner = StageRunner.build("default", num_blocks=8, block_size=16)
+    runner = StageRunner.build("tiny", num_blocks=8, block_size=16)
     assert runner.attention.name == "reference" and isinstance(runner.attention, ReferenceAttention)
     assert runner.model.attention is runner.attention
     backend, why = make_attention("auto", CPU, 8, 4, 64, 16, torch.bfloat16)
@@ -85,9 +85,9 @@ def test_pack_keeps_names_shapes_and_values():
 
 
 def test_tied_embeddings_reach_the_device_once():
-    weights = dict(random_weights(default_spec(), 0))
+    weights = dict(random_weights(tiny_spec(), 0))
     weights["lm_head"] = weights["embed"]
-    spec = default_spec()
+    spec = tiny_spec()
     runner = StageRunner(spec, weights, 0, spec.num_layers, 4, 16, "cpu", "bfloat16")
     assert runner.model.w["lm_head"] is runner.model.w["embed"]
     assert runner.model.w["embed"].dtype == torch.bfloat16

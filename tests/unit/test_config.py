@@ -3,16 +3,24 @@ import pytest
 from common import config as cfg
 
 
+TINY = ["model.path=tiny"]  # the name stays a name; the default (smollm2-135m) would resolve to its conversion
+
+
 def test_defaults_validate():
-    c = cfg.load()
+    assert cfg.Config().model.path == "smollm2-135m"  # serving defaults to the real instruct model
+    c = cfg.load(None, TINY)
     assert c.scheduler.policy == "skip-join-mlfq"
     assert c.parallel.num_stages == 2
+
+
+def test_default_is_an_old_name_of_the_tiny_model():
+    assert cfg.load(None, ["model.path=default"]).model.path == "tiny"
 
 
 def test_toml_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[scheduler]\npolicy = "fcfs"\nmax_jobs = 4\n[cache]\nblock_size = 8\n')
-    c = cfg.load(p, ["scheduler.max_jobs=7", "endpoints.bind_any=true", "endpoints.stages=tcp://a:1,tcp://b:2"])
+    c = cfg.load(p, [*TINY, "scheduler.max_jobs=7", "endpoints.bind_any=true", "endpoints.stages=tcp://a:1,tcp://b:2"])
     assert c.scheduler.policy == "fcfs"
     assert c.scheduler.max_jobs == 7
     assert c.cache.block_size == 8
@@ -21,7 +29,7 @@ def test_toml_and_overrides(tmp_path):
 
 
 def test_roundtrip_dumps(tmp_path):
-    c = cfg.load(None, ["scheduler.policy=rtc", "parallel.num_stages=3"])
+    c = cfg.load(None, [*TINY, "scheduler.policy=rtc", "parallel.num_stages=3"])
     p = tmp_path / "c.toml"
     p.write_text(cfg.dumps(c))
     assert cfg.load(p) == c
@@ -56,3 +64,12 @@ def test_missing_and_malformed_file(tmp_path):
 def test_default_stage_addresses():
     e = cfg.Endpoints(kvcache="tcp://127.0.0.1:7000")
     assert [e.stage(k) for k in range(2)] == ["tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002"]
+
+
+def test_a_commands_own_defaults_lose_to_the_file_and_the_overrides(tmp_path):
+    defaults = ["model.path=tiny", "scheduler.max_jobs=3", "cache.block_size=8"]
+    assert cfg.load(None, [], defaults).scheduler.max_jobs == 3
+    p = tmp_path / "c.toml"
+    p.write_text('[scheduler]\nmax_jobs = 4\n')
+    c = cfg.load(p, ["cache.block_size=32"], defaults)
+    assert (c.model.path, c.scheduler.max_jobs, c.cache.block_size) == ("tiny", 4, 32)

@@ -18,35 +18,35 @@ def run(capsys, *argv):
 
 
 def test_greedy_ids_equal_reference_and_two_stage_engine(capsys):
-    rc, out, err = run(capsys, "--model", "default", "--prompt-ids", "1,2,3", "--max-tokens", "12")
+    rc, out, err = run(capsys, "--model", "tiny", "--prompt-ids", "1,2,3", "--max-tokens", "12")
     assert rc == 0 and err == ""
     tokens = json.loads(out)["token_ids"]
     assert len(tokens) == 12
-    assert tokens == generate_reference("default", [1, 2, 3], 12)
-    engine = OfflineEngine.build("default", num_stages=2, num_blocks=64, block_size=8)
+    assert tokens == generate_reference("tiny", [1, 2, 3], 12)
+    engine = OfflineEngine.build("tiny", num_stages=2, num_blocks=64, block_size=8)
     assert engine.generate([[1, 2, 3]], [SamplingParams(max_tokens=12)])[0] == tokens
 
 
 def test_text_prompt_adds_text(capsys):
-    rc, out, _ = run(capsys, "--model", "default", "--prompt", "hi", "--max-tokens", "4")
+    rc, out, _ = run(capsys, "--model", "tiny", "--prompt", "hi", "--max-tokens", "4")
     result = json.loads(out)
     assert rc == 0 and len(result["token_ids"]) == 4 and isinstance(result["text"], str)
-    assert result["token_ids"] == generate_reference("default", [104, 105], 4)
+    assert result["token_ids"] == generate_reference("tiny", [104, 105], 4)
 
 
 def test_batched_engine_equals_each_prompt_alone():
     prompts = [[1, 2, 3], list(range(40, 90)), [200], [7, 7, 7, 7, 7]]
     params = [SamplingParams(max_tokens=n) for n in (10, 3, 17, 8)]
-    engine = OfflineEngine.build("default", num_stages=2, num_blocks=40, block_size=4, max_jobs=3)
+    engine = OfflineEngine.build("tiny", num_stages=2, num_blocks=40, block_size=4, max_jobs=3)
     outs = engine.generate(prompts, params)
     for prompt, p, out in zip(prompts, params, outs):
-        assert out == generate_reference("default", prompt, p.max_tokens)
+        assert out == generate_reference("tiny", prompt, p.max_tokens)
 
 
 def test_stop_token_ends_early(capsys):
-    full = generate_reference("default", [1, 2, 3], 12)
+    full = generate_reference("tiny", [1, 2, 3], 12)
     stop = full[4]
-    rc, out, _ = run(capsys, "--model", "default", "--prompt-ids", "1,2,3", "--max-tokens", "12",
+    rc, out, _ = run(capsys, "--model", "tiny", "--prompt-ids", "1,2,3", "--max-tokens", "12",
                      "--stop-token-ids", str(stop))
     assert json.loads(out)["token_ids"] == full[:full.index(stop) + 1]
 
@@ -70,7 +70,7 @@ def _missing_field(tmp_path):
     (["--prompt-ids", "1", "--bogus"], "unrecognized arguments"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, args, needle):
-    rc, out, err = run(capsys, "--model", "default", *args)
+    rc, out, err = run(capsys, "--model", "tiny", *args)
     assert rc == 2 and out == ""
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 

@@ -102,7 +102,7 @@ def test_config_resolves_the_name_to_the_cached_directory(converted, monkeypatch
     monkeypatch.setenv("FASTSERVE_CACHE", str(Path(converted).parents[1]))
     monkeypatch.setattr(gguf_mod, "convert", lambda *a: pytest.fail("converted twice"))
     assert cfg.load(None, [f"model.path={NAME}"]).model.path == converted
-    assert cfg.load(None, ["model.path=default"]).model.path == "default"
+    assert cfg.load(None, ["model.path=tiny"]).model.path == "tiny"
 
 
 def test_missing_wheel_is_a_one_line_error(tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ def process_settings():
 def make_config(tmp_path):
     def make(*overrides):
         ep = [f"endpoints.{k}=ipc://{tmp_path}/{k}" for k in ("client", "ingress", "scheduler", "kvcache")]
-        base = ["parallel.num_stages=1", "cache.num_gpu_blocks=16", "cache.headroom_blocks=2", "cache.num_host_blocks=8",
-                f"endpoints.host_pool=fs_start_{uuid.uuid4().hex[:8]}", "endpoints.http=", "scheduler.profile="]
+        base = ["model.path=tiny", "parallel.num_stages=1", "cache.num_gpu_blocks=16", "cache.headroom_blocks=2",
+                "cache.num_host_blocks=8", f"endpoints.host_pool=fs_start_{uuid.uuid4().hex[:8]}", "endpoints.http=", "scheduler.profile="]
         return config_mod.load(None, [*ep, *base, *overrides])
     return make
 

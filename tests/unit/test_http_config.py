@@ -8,10 +8,10 @@ from common import config as config_mod
 
 
 def test_defaults_and_overrides():
-    config = config_mod.load(None, ["endpoints.http=[::1]:9000", "http.default_max_tokens=64"])
+    config = config_mod.load(None, ["model.path=tiny", "endpoints.http=[::1]:9000", "http.default_max_tokens=64"])
     assert config.endpoints.http_host_port() == ("::1", 9000)
     assert config.http.default_max_tokens == 64 and config.http.max_body_bytes == 1 << 20
-    assert config_mod.load().endpoints.http_host_port() == ("127.0.0.1", 8000)
+    assert config_mod.Endpoints().http_host_port() == ("127.0.0.1", 8000)
     assert "[http]" in config_mod.dumps(config)
 
 

@@ -34,12 +34,12 @@ def test_byte_level_pieces_are_the_bytes_of_the_text(tmp_path):
 
 
 def test_the_built_in_byte_model_has_byte_pieces_and_empty_specials():
-    pieces = TokenPieces.for_model("default")
+    pieces = TokenPieces.for_model("tiny")
     assert (pieces.bytes(65), pieces.text(65), pieces.bytes(257)) == (b"A", "A", b"")
 
 
 def test_openai_shapes():
-    pieces = TokenPieces.for_model("default")
+    pieces = TokenPieces.for_model("tiny")
     entries = [TokenLogprobs(-0.1, [97, 98], [-0.1, -3.0]), TokenLogprobs(-2.0, [], [])]
     assert completion_logprobs(pieces, [97, 98], entries, 5) == {
         "tokens": ["a", "b"], "token_logprobs": [-0.1, -2.0], "top_logprobs": [{"a": -0.1, "b": -3.0}, {}],

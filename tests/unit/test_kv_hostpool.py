@@ -88,7 +88,7 @@ def test_bad_stage_and_bad_layouts(name):
 def test_bfloat16_views_and_layout_from_config():
     from common.config import Config
 
-    config = Config().replace(cache={"num_host_blocks": 3, "block_size": 4}, model={"dtype": "bfloat16"})
+    config = Config().replace(cache={"num_host_blocks": 3, "block_size": 4}, model={"path": "tiny", "dtype": "bfloat16"})
     layout = HostPoolLayout.from_config(config)
     assert layout.num_stages == 2 and layout.num_host_blocks == 3 and layout.dtype is torch.bfloat16
     name = f"fs_test_{uuid.uuid4().hex[:12]}"

@@ -8,14 +8,14 @@ from kernels.block_copy import copy_blocks
 from workers.model.batch import StepInput
 from common.model.layout import block_shape, blocks_needed, stage_layers
 from workers.model.runner import StageRunner
-from common.model.spec import default_spec
+from common.model.spec import tiny_spec
 from workers.model.weights import load_weights
 
 BS = 4  # small blocks so short prompts span several
 
 
 def runner(lo=0, hi=None, blocks=64) -> StageRunner:
-    return StageRunner.build("default", lo, hi, num_blocks=blocks, block_size=BS)
+    return StageRunner.build("tiny", lo, hi, num_blocks=blocks, block_size=BS)
 
 
 def greedy(r: StageRunner, prompt: list[int], steps: int, table: list[int]) -> tuple[list[int], list[torch.Tensor]]:
@@ -36,12 +36,12 @@ def test_stage_layers_are_balanced_and_cover_all_layers():
     assert stage_layers(4, 1) == [(0, 4)]
     assert stage_layers(4, 2) == [(0, 2), (2, 4)]
     assert stage_layers(7, 3) == [(0, 3), (3, 5), (5, 7)]
-    assert block_shape(default_spec(), 1, 3, 16) == (2, 2, 4, 16, 32)
+    assert block_shape(tiny_spec(), 1, 3, 16) == (2, 2, 4, 16, 32)
     assert blocks_needed(17, 16) == 2 and blocks_needed(16, 16) == 1
 
 
 def test_two_stages_in_sequence_equal_the_whole_model():
-    spec = default_spec()
+    spec = tiny_spec()
     whole = runner()
     first, second = runner(0, 1), runner(1, spec.num_layers)
     assert first.is_first and not first.is_last and second.is_last and not second.is_first
@@ -83,7 +83,7 @@ def test_mixed_prefill_and_decode_batch_equals_each_job_alone():
         ids = [t for j in jobs for t in nxt[j]]
         out = r.forward(StepInput(jobs, [len(nxt[j]) for j in jobs], [ctx[j] for j in jobs],
                                   [tables[j] for j in jobs], token_ids=torch.tensor(ids)))
-        assert out.shape == (len(jobs), default_spec().vocab_size)
+        assert out.shape == (len(jobs), tiny_spec().vocab_size)
         for row, j in enumerate(jobs):
             ctx[j] += len(nxt[j])
             seen[j].append(out[row])
@@ -114,9 +114,9 @@ def test_swap_out_to_host_and_back_into_other_blocks_continues_identically():
 
 
 def test_default_weights_are_seeded_and_separate_greedy_logits():
-    spec = default_spec()
-    a, b = load_weights("default", spec, 0, 4, seed=0), load_weights("default", spec, 0, 4, seed=1)
-    assert torch.equal(a["embed"], load_weights("default", spec, 0, 4, seed=0)["embed"])
+    spec = tiny_spec()
+    a, b = load_weights("tiny", spec, 0, 4, seed=0), load_weights("tiny", spec, 0, 4, seed=1)
+    assert torch.equal(a["embed"], load_weights("tiny", spec, 0, 4, seed=0)["embed"])
     assert not torch.equal(a["embed"], b["embed"])
     _, logits = greedy(runner(), PROMPT, 40, list(range(16)))
     gaps = [float(x.topk(2).values[0] - x.topk(2).values[1]) for x in logits]

@@ -117,7 +117,7 @@ def test_cli_profile_cost_and_kv_memory(tmp_path, capsys):
 
     profile = Profile(
         prefill_len=(16, 512), prefill_s=(0.01, 0.1), decode_batch=(1, 16), decode_context=(16, 1024),
-        decode_s=((0.005, 0.006), (0.008, 0.012)), meta={"model": "default"},
+        decode_s=((0.005, 0.006), (0.008, 0.012)), meta={"model": "tiny"},
     )
     path = tmp_path / "profile.json"
     profile.save(path)

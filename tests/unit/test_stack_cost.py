@@ -9,7 +9,7 @@ from bench.stack_cost import with_stack
 from common.profile import Profile, ProfileError
 
 BASE = {
-    "version": 1, "model": "default",
+    "version": 1, "model": "tiny",
     "prefill": {"input_len": [16, 256], "seconds": [0.01, 0.05]},
     "decode": {"batch_size": [1, 16], "context_len": [64, 1024], "seconds": [[0.004, 0.005], [0.008, 0.012]]},
 }

@@ -7,7 +7,7 @@ from common.model.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_default_is_byte_level_and_round_trips():
-    tok = load_tokenizer("default")
+    tok = load_tokenizer("tiny")
     assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 259
     ids = tok.encode("héllo")
     assert ids == [104, 195, 169, 108, 108, 111]

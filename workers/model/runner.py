@@ -80,7 +80,7 @@ class StageRunner:
     def build(cls, path: str, lo: int = 0, hi: int | None = None, num_blocks: int = 256, block_size: int = 16,
               device: str = "cpu", dtype: str = "float32", seed: int = 0, max_context: int = 0,
               attention: str = "auto") -> "StageRunner":
-        """A stage of the model at `path` ("default" or a HF directory), loading only its layers' weights."""
+        """A stage of the model at `path` ("tiny" or a HF directory), loading only its layers' weights."""
         spec = with_context_limit(load_spec(path), max_context)
         hi = spec.num_layers if hi is None else hi
         block_shape(spec, lo, hi, block_size)  # validates the range before reading weights

@@ -1,4 +1,4 @@
-"""Weights of one stage: from a HF checkpoint directory (safetensors) or seeded random for the default model.
+"""Weights of one stage: from a HF checkpoint directory (safetensors) or seeded random for the built-in tiny model.
 
 Tensors are kept under canonical names ("layers.3.qkv", "embed", "lm_head", ...); q/k/v and gate/up
 projections are fused on load so a layer runs two matmuls fewer.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.model.spec import DEFAULT, ModelError, ModelSpec, default_spec
+from common.model.spec import TINY, ModelError, ModelSpec, tiny_spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Weights = dict[str, torch.Tensor]
@@ -145,8 +145,8 @@ def random_weights(spec: ModelSpec, seed: int) -> Weights:
 def load_weights(path: str, spec: ModelSpec, lo: int, hi: int, seed: int = 0) -> Weights:
     """Canonical-name tensors (float32 or the file's dtype, on CPU) for layers [lo, hi) and the ends they own."""
     first, last = lo == 0, hi == spec.num_layers
-    if path == DEFAULT:
-        full = random_weights(default_spec(), seed)
+    if path == TINY:
+        full = random_weights(tiny_spec(), seed)
         keep = {k for k in full if not k.startswith("layers.") or lo <= int(k.split(".")[1]) < hi}
         keep -= set() if first else {"embed"}
         keep -= set() if last else {"norm", "lm_head"}
