@@ -20,7 +20,13 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 LEVEL_KEY = "jobs_level_"  # stats keys jobs_level_<k>: live jobs at MLFQ level k (only levels that hold any)
 # stats key -> (metric name without prefix, help); gauges are levels, counters only grow
 STATS_GAUGES = {
-    "jobs_live": ("num_requests_running", "Jobs in the scheduler's pool: running, or preempted between iterations."),
+    # live jobs by status: running + waiting + preempted are all the scheduler's live jobs
+    "jobs_running": ("num_requests_running", "Live jobs picked for the latest batch they could run in."),
+    "jobs_waiting": ("num_requests_waiting", "Live jobs never picked for a batch yet."),
+    "jobs_preempted": ("num_requests_preempted", "Live jobs that ran, then were left out of a batch."),
+    # overlays: a held or swapped job is also counted under its status above
+    "jobs_held": ("num_requests_held", "Live jobs the KV manager holds back for lack of blocks, until memory changes."),
+    "jobs_swapped": ("num_requests_swapped", "Live jobs whose KV is swapped out (in the host pool only)."),
     "ingress_jobs_in_system": ("num_requests_in_system", "Accepted, unfinished requests at ingress."),
     "ingress_max_jobs_in_system": ("max_requests_in_system", "Admission bound on requests in the system."),
     "batches_in_flight": ("num_batches_in_flight", "Batches in the pipeline whose result has not come back."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
@@ -108,6 +109,10 @@ class KVBooks:
 
     def pending_ops(self) -> tuple[int, ...]:
         return tuple(self._pending)
+
+    def residency_counts(self) -> Counter[Residency]:
+        """Live jobs by where their KV is now (one pass over the books: for stats, not the iteration)."""
+        return Counter(entry.state for entry in self._jobs.values())
 
     def extra_blocks(self, job_id: JobId, num_tokens: int) -> int:
         """Device blocks a DEVICE/new/DROPPED job still needs to hold num_tokens."""

@@ -377,6 +377,8 @@ class Planner:
             "host_blocks_free": books.host.num_free,
             "host_blocks_total": books.host.num_blocks,
             "copies_in_flight": len(books.pending_ops()),
+            # jobs whose KV is only in the host pool now (offloaded, not being uploaded)
+            "jobs_swapped": books.residency_counts()[Residency.HOST],
             **books.counters,
             **self._counts,
         }

@@ -438,8 +438,15 @@ class SchedulerCore:
 
     def stats(self) -> dict[str, int | float]:
         c = self.counters
+        statuses = Counter(e.job.status for e in self.entries.values())
         return {
             "jobs_live": len(self.entries),
+            # live jobs by status (held ones are counted under theirs too): never picked, in the latest batch
+            # they could run in, left out of one after running; held = held back by the KV manager now
+            "jobs_waiting": statuses[JobStatus.WAITING],
+            "jobs_running": statuses[JobStatus.RUNNING],
+            "jobs_preempted": statuses[JobStatus.PREEMPTED],
+            "jobs_held": len(self.blocked),
             "batches_in_flight": len(self.in_flight),
             "jobs_submitted": c.submitted,
             "jobs_finished": c.finished,

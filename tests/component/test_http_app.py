@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.client import InternalError, Overloaded, RequestTimeout, Unavailable
 from common.protocol import FinishEvent, TokenEvent, TokenLogprobs
@@ -25,6 +26,8 @@ class FakeClient:
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[str] = []
         self.stats_error: Exception | None = None
+        self.stats_values: dict[str, int | float] = {"kv_free_blocks": 10, "kv_total_blocks": 10, "jobs_live": 3,
+                                                     "jobs_level_0": 1, "jobs_level_3": 2}
 
     def stream(self, prompt: str | None = None, **params: Any):
         self.requests.append(params)
@@ -45,7 +48,7 @@ class FakeClient:
     async def stats(self, timeout: float | None = None) -> dict[str, int | float]:
         if self.stats_error is not None:
             raise self.stats_error
-        return {"kv_free_blocks": 10, "kv_total_blocks": 10, "jobs_live": 3, "jobs_level_0": 1, "jobs_level_3": 2}
+        return dict(self.stats_values)
 
     async def close(self) -> None:
         pass
@@ -144,6 +147,24 @@ async def test_a_failure_mid_stream_is_an_error_event_then_done(app_client):
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "internal"
     assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "ab"
+
+
+async def test_job_gauges_follow_the_stacks_stats(app_client):
+    http, fake = app_client
+
+    async def gauges() -> dict[str, float]:
+        text = (await http.get("/metrics")).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("fastserve:num_requests_") and not s.labels}
+
+    names = {"num_requests_running": "jobs_running", "num_requests_waiting": "jobs_waiting",
+             "num_requests_preempted": "jobs_preempted", "num_requests_held": "jobs_held",
+             "num_requests_swapped": "jobs_swapped"}
+    assert not set(await gauges()) & {f"fastserve:{n}" for n in names}  # absent from the stats: not shown
+    for step in (1, 2):
+        fake.stats_values.update({key: step * k for k, key in enumerate(names.values(), 1)})
+        shown = await gauges()
+        assert {n: shown[f"fastserve:{n}"] for n in names} == {n: step * k for k, n in enumerate(names, 1)}
 
 
 async def test_health_models_unknown_routes_and_body_limit(app_client):

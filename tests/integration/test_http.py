@@ -263,6 +263,34 @@ def test_metrics_move_after_requests(base, oai):
     assert moved("fastserve:ingress_requests_accepted_total") == 2
 
 
+def test_job_gauges_move_while_a_request_runs(base, stack):
+    wait_idle(stack)
+    gauges = ("num_requests_running", "num_requests_waiting", "num_requests_preempted", "num_requests_held",
+              "num_requests_swapped")
+
+    def read() -> dict[str, float]:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        shown = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert all(f"fastserve:{g}" in shown for g in gauges), sorted(shown)
+        return {g: shown[f"fastserve:{g}"] for g in gauges}
+
+    assert set(read().values()) == {0}
+    body = {"prompt": "gauges", "max_tokens": 150, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass  # the first token is out: the job runs
+            during = read()  # 150 tokens take far longer than one scrape
+            rest = list(lines)
+    assert "data: [DONE]" in rest, rest[-3:]
+    assert during == {"num_requests_running": 1, "num_requests_waiting": 0, "num_requests_preempted": 0,
+                      "num_requests_held": 0, "num_requests_swapped": 0}
+    wait_idle(stack)
+    assert set(read().values()) == {0}
+
+
 @pytest.mark.xfail(strict=False, reason="known race: run after other tests, about one run in two leaves one of the "
                    "two disconnected requests uncancelled (docs/HTTP.md, Known limits)")
 def test_disconnecting_cancels_the_job_and_the_kv_pool_is_whole(base, stack):
