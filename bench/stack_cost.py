@@ -7,8 +7,10 @@ For each batch size B, B decode requests of 16 prompt tokens run at once through
 the profile P (so its policies see the same times). A job's gap between tokens is one trip of its
 batch through the pipeline; the workers report the compute of every batch (all stages). What the
 stack adds to an iteration of n jobs (n = tokens decoded / iterations: with S stages the B jobs run as
-S disjoint batches) is the median gap minus the mean compute per iteration. The output is P with a
-"stack" section (`common/profile.py`) that the simulator adds to every iteration it models, and the
+S disjoint batches) is the median gap minus what the profile says such an iteration computes (the
+decode time of n jobs at their mean context): it holds the control plane and the hops, and also the
+compute being slower inside the stack than alone (the processes share the cores). The workers' own
+compute per iteration is recorded beside it. The output is P with a "stack" section (`common/profile.py`) that the simulator adds to every iteration it models, and the
 measurements themselves under "stack_measured".
 """
 
@@ -24,10 +26,14 @@ from bench.overhead import CONTROL_PLANE, through_stack
 from common.profile import Profile
 
 
+PROMPT_LEN = 16  # as bench.overhead sends
+
+
 def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: list[str]) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from stack import Stack
 
+    model = Profile.load(profile)
     rows = []
     stack = Stack([f"scheduler.profile={Path(profile).resolve()}", *extra], num_stages=stages)
     try:
@@ -35,10 +41,13 @@ def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: l
         for batch in batches:
             run = asyncio.run(through_stack(stack.endpoint, batch, tokens, pids))
             jobs = batch * tokens / max(run["iterations"], 1)  # decode tokens per iteration
-            added_ms = run["gap_ms_p50"] - run["worker_compute_ms_per_iteration"]
-            rows.append({"requests": batch, "jobs_per_iteration": jobs, "added_ms": added_ms, **run})
+            profiled_ms = model.decode_time(max(1, round(jobs)), PROMPT_LEN + tokens / 2) * 1e3
+            added_ms = run["gap_ms_p50"] - profiled_ms
+            rows.append({"requests": batch, "jobs_per_iteration": jobs, "profiled_ms": profiled_ms,
+                         "added_ms": added_ms, **run})
             print(f"{batch:>3} requests: {jobs:5.1f} jobs/iteration, gap p50 {run['gap_ms_p50']:.2f} ms, "
-                  f"compute {run['worker_compute_ms_per_iteration']:.2f} ms, added {added_ms:.2f} ms", flush=True)
+                  f"profiled {profiled_ms:.2f} ms, workers' compute {run['worker_compute_ms_per_iteration']:.2f} ms, "
+                  f"added {added_ms:.2f} ms", flush=True)
     finally:
         stack.stop()
     return rows
