@@ -85,7 +85,8 @@ class SchedulerConfig:
     max_started: int = 0  # fixed bound on started-but-unfinished jobs; 0 = the memory-aware rule (SCHEDULING.md)
     start_host_fraction: float = 0.5  # share of the host KV pool that preempted started jobs may fill
     service_share: str = "own"  # "own": a job is charged its share of an iteration; "iteration": all of it
-    overlap: bool = True  # prepare the next batch while one computes; decode jobs carry their token (SCHEDULING.md)
+    # "auto": overlapped scheduling with one stage, off with more; "on" / "off" (SCHEDULING.md)
+    overlap: str = "auto"
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -99,6 +100,8 @@ class SchedulerConfig:
             raise ConfigError("scheduler.starvation_limit_s and starvation_check_s must be > 0")
         if self.max_started < 0 or not 0.0 <= self.start_host_fraction <= 1.0:
             raise ConfigError("scheduler.max_started must be >= 0 and scheduler.start_host_fraction in [0, 1]")
+        if self.overlap not in ("auto", "on", "off"):
+            raise ConfigError(f"scheduler.overlap is {self.overlap!r}; use 'auto', 'on' or 'off'")
         if self.service_share not in ("own", "iteration"):
             raise ConfigError(f"scheduler.service_share is {self.service_share!r}; use 'own' or 'iteration'")
         if self.demote_to not in ("front", "back"):

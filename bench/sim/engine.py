@@ -24,6 +24,7 @@ from bench.workloads import Request, Workload
 from common.messages import SubmitJob
 from services.scheduler.core import SchedulerCore, Step, StepOutput
 from services.scheduler.job import Job
+from services.scheduler.service import overlaps
 from services.scheduler.policies.base import Policy
 
 # Steps in a row that run nothing (every picked job held back) before the loop waits for time to pass.
@@ -59,7 +60,7 @@ class Simulator:
         self.stages = cost.num_stages
         self.max_context = int(workload.info.get("max_context", 0) or 0)  # 0: no bound, max_tokens = output
         self.core = SchedulerCore(policy, self.stages, (EOS,), send_run_order=self.memory.needs_order,
-                                  keep_tokens=False, overlap=getattr(policy.config, "overlap", False))
+                                  keep_tokens=False, overlap=overlaps(policy.config, self.stages))
         policy.set_limits(self.stages, self.memory.capacity())
         self.stage_free = [0.0] * self.stages
         self.batch_done: dict[int, float] = {}  # batch id -> when its tokens are sampled, while in flight

@@ -255,9 +255,14 @@ class SchedulerCore:
         count = self.busy.get(job_id, 0)
         if not count:
             return True
-        # Carry: in one batch in flight, in decode there, and that batch does not produce its last token.
-        return (self.overlap and count == 1 and self.last_batch[job_id][1] == 1
-                and job.num_generated + 1 < job.max_tokens)
+        # Carry: in one batch in flight, in decode there, that batch does not produce its last token, and
+        # it is the oldest in flight (the next to come back): stage 0 takes the carried token as that batch
+        # leaves the last stage, about when stage 0 is free again. Carrying from a younger batch would
+        # leave stage 0 idle until it has gone through every stage.
+        if not (self.overlap and count == 1):
+            return False
+        batch_id, new = self.last_batch[job_id]
+        return new == 1 and job.num_generated + 1 < job.max_tokens and batch_id == min(self.in_flight)
 
     def _busy_done(self, job_id: int) -> None:
         """One in-flight batch of this job is over (returned, held back, or lost)."""

@@ -71,7 +71,7 @@ async def serve(stack: Stack) -> tuple[dict[str, list[int]], dict]:
 
 @pytest.fixture(scope="module")
 def without_overlap():
-    stack = Stack([*POOL, "scheduler.policy=fcfs", "scheduler.overlap=false"])
+    stack = Stack([*POOL, "scheduler.policy=fcfs", "scheduler.overlap=off"])
     try:
         outputs, stats = asyncio.run(serve(stack))
     finally:
@@ -82,7 +82,7 @@ def without_overlap():
 
 @pytest.mark.parametrize("policy", POLICIES)
 async def test_overlap_gives_the_same_outputs_for_every_policy(policy, without_overlap):
-    stack = Stack([*POOL, f"scheduler.policy={policy}", "scheduler.overlap=true"])
+    stack = Stack([*POOL, f"scheduler.policy={policy}", "scheduler.overlap=on"])
     try:
         outputs, stats = await serve(stack)
     finally:
