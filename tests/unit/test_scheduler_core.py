@@ -278,3 +278,12 @@ def test_a_cancelled_carried_job_is_freed_once_both_its_batches_are_back():
     assert core.to_free == []
     core.update(result(b2, [8]), 0.3)
     assert core.to_free == [1]
+
+
+def test_a_job_cancelled_inside_a_batch_that_fails_still_frees_its_kv():
+    core = make_core()
+    core.submit(submit(1, [5, 6], max_tokens=8), 0.0)
+    b = core.schedule(0.0)
+    core.cancel(1, 0.05)
+    assert core.update(StepOutput(b.batch_id, [], [], 0.0, "stage 1: boom"), 0.1) == []  # ended already
+    assert core.schedule(0.1).freed_job_ids == [1]
