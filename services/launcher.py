@@ -57,6 +57,10 @@ def child_commands(config_path: str, num_stages: int, log_level: str, http: bool
     return cmds
 
 
+class ProfileFailed(RuntimeError):
+    """The one-time profile of the model could not be measured (the profile run printed why)."""
+
+
 def cached_profile(config: config_mod.Config) -> str:
     """Path of an iteration-time profile for this model and layout, measured once per machine.
 
@@ -78,7 +82,12 @@ def cached_profile(config: config_mod.Config) -> str:
         argv = [sys.executable, "-m", "services.cli", "profile", "--out", str(tmp),
                 "--input-lens", "16,64,256,1024", "--batch-sizes", "1,8,32", "--context-lens", "64,512", "--repeats", "2"]
         argv += [item for o in overrides for item in ("--set", o)]
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        except subprocess.CalledProcessError as e:
+            tmp.unlink(missing_ok=True)
+            raise ProfileFailed(f"profiling the model for skip-join failed (exit {e.returncode}; the line above says why); "
+                                "fix that, or set scheduler.profile to a profile file, or to \"\" to run without one") from None
         tmp.replace(path)  # atomic: concurrent launches never read half a file
     return str(path)
 
@@ -95,6 +104,9 @@ def die_with_parent() -> None:
 
 class Launcher:
     def __init__(self, config: config_mod.Config, log_level: str = "info", quiet: bool = False) -> None:
+        profile = config.scheduler.profile  # first: a profile that cannot be made leaves nothing behind
+        if profile == "auto":
+            profile = cached_profile(config) if config.scheduler.policy == "skip-join-mlfq" else ""
         self.run_dir = Path(tempfile.mkdtemp(prefix="fastserve-"))
         control = f"ipc://{self.run_dir}/control"
         # A unique pool name keeps concurrent stacks apart; a name the user chose is theirs to keep.
@@ -102,9 +114,6 @@ class Launcher:
         pool = config.endpoints.host_pool
         if pool == default_pool:
             pool = f"fastserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        profile = config.scheduler.profile
-        if profile == "auto":
-            profile = cached_profile(config) if config.scheduler.policy == "skip-join-mlfq" else ""
         config = config.replace(scheduler={"profile": profile})
         self.config = config.replace(endpoints={"control": control, "host_pool": pool})
         self.config_path = self.run_dir / "config.toml"
@@ -213,7 +222,11 @@ class Launcher:
 
 
 async def launch(config: config_mod.Config, log_level: str) -> int:
-    launcher = Launcher(config, log_level)
+    try:
+        launcher = Launcher(config, log_level)
+    except ProfileFailed as e:
+        print(f"fastserve up: {e}", file=sys.stderr)
+        return 1
     try:
         try:
             await launcher.start()

@@ -71,3 +71,22 @@ def test_children_do_not_outlive_a_killed_launcher():
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(run_dir, ignore_errors=True)
     assert not left, f"children still running after the launcher died: {left}"
+
+
+def test_a_model_that_cannot_be_profiled_ends_fastserve_up_with_one_line_and_no_traceback(tmp_path):
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host runs CUDA: the profile would succeed")
+    env = {**os.environ, "FASTSERVE_CACHE": str(tmp_path)}  # no cached profile: it must be measured
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "up", "--model", "tiny", "--set", "model.device=cuda",
+                           "--set", "endpoints.http="], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "fastserve up: profiling the model for skip-join failed" in proc.stderr
+    assert "CPU-only build" in proc.stderr  # the profile's own one-line cause comes first
+    assert not list(tmp_path.glob("profile-*"))  # no half-written profile is left to be reused
