@@ -8,13 +8,25 @@ page-lock exactly its own slice with cudaHostRegister.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 import torch
 
 _ALIGN = 4096  # bytes; partitions start on page boundaries
+SHM_DIR = Path("/dev/shm")  # where POSIX shared memory lives on Linux
+
+
+def shm_free_bytes(where: Path = SHM_DIR) -> int | None:
+    """Bytes free in the shared-memory filesystem; None where there is none to ask (not Linux)."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 class HostPoolError(RuntimeError):
@@ -79,6 +91,17 @@ class HostPool:
         """Make the segment. replace=True first removes a leftover one of that name (a crashed stack's)."""
         if replace:
             _unlink_quietly(name)
+        free = shm_free_bytes()
+        if free is not None and layout.nbytes > free:
+            # The pages are only taken when first touched: an oversized pool is created fine and then
+            # ends a process with SIGBUS in the middle of serving.
+            per_block = layout.nbytes / max(layout.num_host_blocks, 1)
+            gib = 2**30
+            raise HostPoolError(
+                f"the host KV pool needs {layout.nbytes / gib:.2f} GiB of shared memory but {SHM_DIR} has "
+                f"{free / gib:.2f} GiB free: lower cache.num_host_blocks to {int(free // per_block)} or less, or give "
+                f"{SHM_DIR} more room (compose: shm_size; docker run: --shm-size)"
+            )
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
         except FileExistsError:

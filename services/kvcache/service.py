@@ -72,12 +72,15 @@ class KVCacheManager:
 
     @classmethod
     def from_config(cls, config: Any, ctx: Any | None = None) -> "KVCacheManager":
-        from common.hostpool import HostPool, HostPoolLayout
+        from common.hostpool import HostPool, HostPoolError, HostPoolLayout
 
         layout = HostPoolLayout.from_config(config)
         host_pool = None
         if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
-            host_pool = HostPool.create(config.endpoints.host_pool, layout, replace=True)
+            try:
+                host_pool = HostPool.create(config.endpoints.host_pool, layout, replace=True)
+            except HostPoolError as e:
+                raise SystemExit(f"fastserve kvcache: {e}") from None
         ctx = ctx or sockets.context()
         ep = config.endpoints
         return cls(

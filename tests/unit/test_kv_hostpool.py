@@ -98,3 +98,14 @@ def test_bfloat16_views_and_layout_from_config():
         view.fill_(2.0)
         assert float(view.float().mean()) == 2.0
         del view
+
+
+def test_a_pool_larger_than_free_shared_memory_is_refused_at_creation_with_what_to_change(monkeypatch):
+    from common import hostpool
+
+    layout = HostPoolLayout(64, ((2, 2, 16, 2, 8),), torch.float32)
+    monkeypatch.setattr(hostpool, "shm_free_bytes", lambda where=hostpool.SHM_DIR: layout.nbytes // 4)
+    name = f"fastserve_test_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(HostPoolError, match=r"lower cache.num_host_blocks to 1[56] or less"):
+        HostPool.create(name, layout)
+    assert not (hostpool.SHM_DIR / name).exists()  # nothing was created
