@@ -29,6 +29,33 @@ def shm_free_bytes(where: Path = SHM_DIR) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def shm_room(name: str, where: Path = SHM_DIR) -> tuple[int, int]:
+    """(bytes the segment already holds, bytes free) in the shared-memory filesystem."""
+    free = shm_free_bytes(where)
+    if free is None:
+        raise OSError(f"cannot read the free space of {where}")
+    try:
+        held = os.stat(where / name).st_blocks * 512
+    except FileNotFoundError:
+        held = 0
+    return held, free
+
+
+def shm_shortfall(need: int, held: int, free: int, block_bytes: int, where: Path = SHM_DIR) -> str | None:
+    """Why a host pool of `need` bytes cannot be backed by `held + free` bytes of shared memory, or None.
+
+    Its pages are only taken when first touched, so an oversized pool is created fine and then ends a
+    process with SIGBUS in the middle of serving: the KV manager checks before it creates the pool and
+    every worker before it maps it."""
+    if need <= held + free:
+        return None
+    fit = max(0, (held + free) // max(block_bytes, 1))
+    gib = 2**30
+    return (f"the host KV pool needs {need / gib:.2f} GiB of shared memory but {where} can give it "
+            f"{(held + free) / gib:.2f} GiB: lower cache.num_host_blocks to {fit} or less, or give "
+            f"{where} more room (compose: shm_size of the kvcache service; docker run: --shm-size)")
+
+
 class HostPoolError(RuntimeError):
     """The segment is missing, already exists, or does not match the expected layout."""
 
@@ -92,16 +119,10 @@ class HostPool:
         if replace:
             _unlink_quietly(name)
         free = shm_free_bytes()
-        if free is not None and layout.nbytes > free:
-            # The pages are only taken when first touched: an oversized pool is created fine and then
-            # ends a process with SIGBUS in the middle of serving.
-            per_block = layout.nbytes / max(layout.num_host_blocks, 1)
-            gib = 2**30
-            raise HostPoolError(
-                f"the host KV pool needs {layout.nbytes / gib:.2f} GiB of shared memory but {SHM_DIR} has "
-                f"{free / gib:.2f} GiB free: lower cache.num_host_blocks to {int(free // per_block)} or less, or give "
-                f"{SHM_DIR} more room (compose: shm_size; docker run: --shm-size)"
-            )
+        block_bytes = sum(layout.block_bytes(k) for k in range(layout.num_stages))
+        message = None if free is None else shm_shortfall(layout.nbytes, 0, free, block_bytes)
+        if message:
+            raise HostPoolError(message)
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
         except FileExistsError:

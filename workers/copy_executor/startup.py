@@ -8,7 +8,6 @@ before it (`fastserve up` starts workers first) waits a bounded time for the seg
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 
 import torch
 
+from common.hostpool import SHM_DIR, shm_room, shm_shortfall
 from workers.copy_executor.base import CopyError
 
-SHM_DIR = Path("/dev/shm")  # where POSIX shared memory segments live on Linux
 HOST_POOL_WAIT_S = 120.0  # how long a worker waits for the KV manager to create the host pool
 HOST_POOL_POLL_S = 0.05
 
@@ -50,25 +49,10 @@ def import_cupy(torch_cuda: str | None = None) -> Any:
 
 
 def check_shm_room(need: int, held: int, free: int, block_bytes: int, where: Path = SHM_DIR) -> None:
-    """Refuse a host pool that /dev/shm cannot back: its pages are only taken when first touched, so an
-    oversized pool is created fine and then kills a process with SIGBUS in the middle of serving."""
-    if need <= held + free:
-        return
-    fit = max(0, (held + free) // max(block_bytes, 1))
-    gib = 2 ** 30
-    raise CopyError(f"the host KV pool needs {need / gib:.2f} GiB of shared memory but {where} can give it "
-                    f"{(held + free) / gib:.2f} GiB: lower cache.num_host_blocks to {fit} or less, or give "
-                    f"{where} more room (compose: shm_size of the kvcache service; docker run: --shm-size)")
-
-
-def shm_room(name: str, where: Path = SHM_DIR) -> tuple[int, int]:
-    """(bytes the segment already holds, bytes free) in the shared-memory filesystem."""
-    st = os.statvfs(where)
-    try:
-        held = os.stat(where / name).st_blocks * 512
-    except FileNotFoundError:
-        held = 0
-    return held, st.f_bavail * st.f_frsize
+    """Refuse a host pool that /dev/shm cannot back (the rule is `common.hostpool.shm_shortfall`)."""
+    message = shm_shortfall(need, held, free, block_bytes, where)
+    if message:
+        raise CopyError(message)
 
 
 def wait_for_segment(name: str, timeout_s: float = HOST_POOL_WAIT_S, where: Path = SHM_DIR,
