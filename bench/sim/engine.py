@@ -22,9 +22,8 @@ from bench.metrics import RequestRecord
 from bench.sim.memory import Memory, UnlimitedMemory
 from bench.workloads import Request, Workload
 from common.messages import SubmitJob
-from services.scheduler.core import SchedulerCore, Step, StepOutput
+from services.scheduler.core import SchedulerCore, Step, StepOutput, overlaps
 from services.scheduler.job import Job
-from services.scheduler.service import overlaps
 from services.scheduler.policies.base import Policy
 
 # Steps in a row that run nothing (every picked job held back) before the loop waits for time to pass.

@@ -22,6 +22,14 @@ from services.scheduler.policies.base import Policy
 from services.scheduler.policies.starts import Capacity
 
 
+def overlaps(scheduler: object, num_stages: int) -> bool:
+    """Whether the core carries decode jobs into the next batch (`scheduler.overlap`): "auto" does with
+    one stage only; with two or more the simulator showed a carried batch holding stage 0
+    (docs/SCHEDULING.md)."""
+    mode = getattr(scheduler, "overlap", "off")
+    return mode == "on" or mode == "auto" and num_stages == 1
+
+
 @dataclass
 class Step:
     """One iteration as the core decided it (an empty `job_ids` with frees is housekeeping)."""
@@ -113,6 +121,7 @@ class SchedulerCore:
         self.in_flight: dict[int, InFlight] = {}
         self.busy: dict[int, int] = {}  # job id -> in-flight batches it is in (2 only when carried)
         self.last_batch: dict[int, tuple[int, int]] = {}  # busy job -> (its latest batch id, new tokens there)
+        self._oldest = -1  # oldest batch in flight when the current decision began
         self.blocked: set[int] = set()  # held back by the KV manager until memory changes
         self.to_free: list[int] = []  # ended jobs whose KV the next ScheduleBatch frees
         self.ended_in_flight: set[int] = set()  # ended while in a batch: free when the batch returns
@@ -172,6 +181,7 @@ class SchedulerCore:
         """The next iteration, a housekeeping step when only frees are pending, or None."""
         if not self.can_send():
             return None
+        self._oldest = min(self.in_flight, default=-1)  # the next batch to come back (carry source)
         picked = self.policy.schedule(now, self._can_run) if self.entries else []
         if not picked and self._retry_held(stalled=True):
             picked = self.policy.schedule(now, self._can_run)
@@ -262,7 +272,7 @@ class SchedulerCore:
         if not (self.overlap and count == 1):
             return False
         batch_id, new = self.last_batch[job_id]
-        return new == 1 and job.num_generated + 1 < job.max_tokens and batch_id == min(self.in_flight)
+        return new == 1 and job.num_generated + 1 < job.max_tokens and batch_id == self._oldest
 
     def _busy_done(self, job_id: int) -> None:
         """One in-flight batch of this job is over (returned, held back, or lost)."""

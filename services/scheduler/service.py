@@ -23,7 +23,7 @@ from common.messages import (
     StatsRequest,
     SubmitJob,
 )
-from services.scheduler.core import SchedulerCore, Step, StepOutput
+from services.scheduler.core import SchedulerCore, Step, StepOutput, overlaps
 from services.scheduler.policies import make_policy
 
 INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, KVCapacity, Ready, Exit)
@@ -183,13 +183,6 @@ def build_core(scheduler: Any, num_stages: int, eos_token_ids: tuple[int, ...], 
         prefill_time = Profile.load(scheduler.profile).prefill_time
     return SchedulerCore(make_policy(scheduler, prefill_time), num_stages, eos_token_ids, send_run_order=send_run_order,
                          overlap=overlaps(scheduler, num_stages))
-
-
-def overlaps(scheduler: Any, num_stages: int) -> bool:
-    """Whether the core carries decode jobs into the next batch: "auto" does with one stage only. With
-    two or more the simulator showed a carried batch holding stage 0 (docs/SCHEDULING.md)."""
-    mode = getattr(scheduler, "overlap", "off")
-    return mode == "on" or mode == "auto" and num_stages == 1
 
 
 def to_wire(step: Step) -> ScheduleBatch:
