@@ -7,7 +7,7 @@ import pytest
 from bench.sim.engine import simulate
 from bench.sim.kv import kv_memory_factory
 from bench.sim.memory import UnlimitedMemory
-from bench.workloads import Request, Workload
+from bench.workloads import DEFAULT_TRACES, Request, Workload
 from common.config import CacheConfig, SchedulerConfig
 from services.scheduler.policies import make_policy
 
@@ -82,6 +82,7 @@ def test_a_stuck_memory_state_is_reported_not_looped():
         simulate(wl, make_policy(sched), SmallCost(), HoldAll())
 
 
+@pytest.mark.skipif(not (DEFAULT_TRACES / "mooncake_conversation.csv").is_file(), reason="shared traces not present")
 def test_skip_join_does_not_collapse_on_mooncake_under_memory_pressure():
     """Mooncake conversations at 3 req/s on one H100 with Llama-3-8B: with unbounded starts skip-join
     started ~490 jobs at once, swapped 120,000 times and took 2,696 s mean JCT against 38 s for fcfs."""
