@@ -135,6 +135,7 @@ class Endpoints:
     scheduler: str = "tcp://127.0.0.1:5557"  # scheduler inbox
     kvcache: str = "tcp://127.0.0.1:5558"  # KV-cache manager inbox
     control: str = ""  # launcher inbox for ready handshakes and exits; empty when run alone
+    control_token: str = ""  # set by the launcher: an Exit is honoured only with it (run alone: Exits are ignored)
     stages: tuple[str, ...] = ()  # stage inboxes; empty = ports after kvcache on the kvcache host
     bind_any: bool = False  # bind tcp inboxes on every interface (containers, multi-host)
     host_pool: str = "fastserve_kv"  # name of the shared-memory host KV pool
@@ -198,6 +199,45 @@ class IngressConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    """Heartbeats between the processes (common/liveness.py, docs/DEPLOY.md "Liveness")."""
+
+    heartbeat_s: float = 0.5  # every process says it is alive this often
+    timeout_s: float = 3.0  # a process unheard this long is down: live requests end, new ones get `unavailable`
+
+    def validate(self) -> None:
+        if self.heartbeat_s <= 0:
+            raise ConfigError("liveness.heartbeat_s must be > 0")
+        if self.timeout_s < 2 * self.heartbeat_s:
+            raise ConfigError(f"liveness.timeout_s must be at least two heartbeats ({2 * self.heartbeat_s:g} s), "
+                              "or one late heartbeat would take the stack down")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """ZeroMQ CURVE on every socket of the stack (docs/DEPLOY.md, "What a deployment must protect")."""
+
+    # Encrypt every connection and accept only known keys: internal inboxes the stack key, the client port
+    # the client keys. Off, anyone who reaches a port can send anything: keep the ports on loopback or a
+    # private network.
+    curve: bool = False
+    # Made by `fastserve keys DIR`: stack.key and stack.key_secret (every process of the stack; keep the
+    # secret from clients), client.key and client.key_secret (clients: library, HTTP front door, load
+    # test), clients/*.key (further client public keys the client port accepts).
+    keys_dir: str = ""
+
+    def validate(self) -> None:
+        if not self.curve:
+            return
+        if not self.keys_dir:
+            raise ConfigError("security.curve is on but security.keys_dir is empty; make keys with "
+                              "`fastserve keys DIR` and set security.keys_dir to DIR")
+        if not Path(self.keys_dir).is_dir():
+            raise ConfigError(f"security.keys_dir {self.keys_dir!r} is not a directory; make it with "
+                              f"`fastserve keys {self.keys_dir}`")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -206,10 +246,12 @@ class Config:
     endpoints: Endpoints = field(default_factory=Endpoints)
     http: HttpConfig = field(default_factory=HttpConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.cache, self.scheduler, self.parallel, self.endpoints, self.http, self.ingress):
-            section.validate()
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
         if self.endpoints.stages and len(self.endpoints.stages) != self.parallel.num_stages:
             raise ConfigError(
                 f"endpoints.stages lists {len(self.endpoints.stages)} addresses but parallel.num_stages is "

@@ -1,7 +1,9 @@
-"""The host KV pool: one shared-memory segment, one partition per stage, owned by the KV-cache manager.
+"""The host KV pool: one shared-memory segment, one partition per stage, belonging to the stack.
 
-Design note: the manager creates (and alone unlinks) the segment, and workers only map it, so KV that
-was swapped out outlives a worker restart. A partition is page-aligned so that a CUDA worker can
+Design note: the KV-cache manager creates the segment (or maps it again after its own restart) and workers
+only map it; no process's exit removes it, so KV that was swapped out outlives a worker restart and a
+restarted manager finds the segment the workers still map. The launcher removes it when its stack stops;
+processes run alone leave it to their container's IPC namespace or to the operator (docs/DEPLOY.md). A partition is page-aligned so that a CUDA worker can
 page-lock exactly its own slice with cudaHostRegister.
 """
 
@@ -131,6 +133,25 @@ class HostPool:
                 "set endpoints.host_pool to another name, or create with replace=True"
             ) from None
         return cls(shm, layout, owner=True)
+
+    @classmethod
+    def open_for_stack(cls, name: str, layout: HostPoolLayout) -> "HostPool":
+        """The KV manager's pool: the stack's segment if one of this size exists (a restarted manager maps
+        the one the workers still map), else a new one. Either way no process's exit removes it, the
+        manager's included; `remove` does, when the whole stack stops (docs/DEPLOY.md)."""
+        try:
+            pool = cls.attach(name, layout)
+        except HostPoolError:
+            _unlink_quietly(name)  # absent, or a leftover of another size that no worker of this config maps
+            pool = cls.create(name, layout)
+            resource_tracker.unregister(pool._shm._name, "shared_memory")  # type: ignore[attr-defined]
+            pool.owner = False
+        return pool
+
+    @staticmethod
+    def remove(name: str) -> None:
+        """Unlink the stack's segment (the launcher, when its stack stops); absent is fine."""
+        _unlink_quietly(name)
 
     @classmethod
     def attach(cls, name: str, layout: HostPoolLayout) -> "HostPool":

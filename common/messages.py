@@ -33,6 +33,7 @@ class MsgType(IntEnum):
     READY = 21
     EXIT = 22
     JOB_EVENTS = 23
+    ALIVE = 24
     # 32..127: scheduler, KV-cache manager and stage workers
     SCHEDULE_BATCH = 32
     BATCH_PLANNED = 33
@@ -46,7 +47,8 @@ class MsgType(IntEnum):
 
 FINISH_REASONS = ("", "stop", "length", "cancelled", "error")  # "" while the job runs
 
-JobId = Annotated[int, Range(0)]  # ingress-assigned, unique for the life of the ingress process
+JobId = Annotated[int, Range(0)]  # ingress-assigned, never reused, across ingress restarts too
+Epoch = Annotated[int, Range(0)]  # a process's incarnation: microseconds of wall clock when it started
 MAX_LOGPROBS = 5  # most likely alternatives a job may ask for at each step
 Logprobs = Annotated[int, Range(0, MAX_LOGPROBS)] | None  # None = no logprobs; k = the token's and the k most likely
 
@@ -135,16 +137,40 @@ class Ready:
 
     role: str  # "ingress" | "scheduler" | "kvcache" | "worker" | "stack"
     stage: int  # stage index for workers, -1 otherwise
+    epoch: Epoch = 0  # the sender's epoch (common/liveness.py); 0 = not said
 
 
 @message(MsgType.EXIT)
 @dataclass(frozen=True)
 class Exit:
-    """A process is stopping (to the launcher); sent to ingress, it fails every live request."""
+    """The launcher says a process of its stack died: the scheduler and ingress fail every live request.
+
+    Honoured only with the launcher's token (`endpoints.control_token`, in the config file the launcher
+    wrote for its children): anyone else who can reach an inbox cannot stop the stack with one message.
+    Processes run alone have no launcher; their deaths are found by heartbeats (Alive).
+    """
 
     role: str  # as in Ready
     stage: int  # stage index for workers, -1 otherwise
     code: int  # exit status; 0 = clean stop
+    token: str = ""  # the launcher's control token
+
+
+@message(MsgType.ALIVE)
+@dataclass(frozen=True)
+class Alive:
+    """A heartbeat, every `liveness.heartbeat_s`: workers and the KV manager to the scheduler, ingress to
+    the scheduler, the scheduler to ingress and the KV manager. A process whose heartbeats stop for
+    `liveness.timeout_s` is down; one that comes back with a new epoch restarted, and its peers drop
+    whatever they held for its old epoch."""
+
+    role: str  # "ingress" | "scheduler" | "kvcache" | "worker"
+    stage: int  # stage index for workers, -1 otherwise
+    epoch: Annotated[int, Range(1)]  # the sender's incarnation, larger after every restart
+    up: bool = True  # from the scheduler: every process of the stack is heard from and serving
+    # from the scheduler: how often the stack went up or down in this epoch. Heartbeats travel on a socket
+    # of their own, so one may arrive after a later change; the receiver ignores `up` of a lower count.
+    changes: Annotated[int, Range(0)] = 0
 
 
 # --- scheduler -> KV-cache manager -> stage 0 -> ... -> last stage -> scheduler -------------------------
@@ -315,6 +341,8 @@ class KVCapacity:
     host_blocks: Annotated[int, Range(0)]  # blocks of the host pool usable for swaps; 0 = none
     block_size: Annotated[int, Range(1)]  # tokens per block
     headroom_blocks: Annotated[int, Range(0)]  # device blocks kept free for growth and arrivals
+    epoch: Epoch = 0  # the KV manager's epoch
+    scheduler_epoch: Epoch = 0  # the scheduler these books were (re)set for; a scheduler takes only its own
 
 
 @message(MsgType.SAMPLED_TOKENS)

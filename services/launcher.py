@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import ctypes
+import secrets
 import shutil
 import signal
 import subprocess
@@ -115,7 +116,10 @@ class Launcher:
         if pool == default_pool:
             pool = f"fastserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         config = config.replace(scheduler={"profile": profile})
-        self.config = config.replace(endpoints={"control": control, "host_pool": pool})
+        # The token makes the launcher's Exit the only one its children honour (the config file is private to
+        # the run directory); the pool is the stack's, and the launcher removes it when the stack stops.
+        self.config = config.replace(endpoints={"control": control, "host_pool": pool,
+                                                "control_token": secrets.token_hex(16)})
         self.config_path = self.run_dir / "config.toml"
         self.config_path.write_text(config_mod.dumps(self.config))
         self.log_level = log_level
@@ -176,7 +180,8 @@ class Launcher:
         self.failed = deaths[task]
         code = task.result()
         self.say(f"{self.failed.name} exited with {code}; failing live requests and stopping the stack")
-        await self.drain(Exit(self.failed.role, self.failed.stage, code if code is not None else -1))
+        await self.drain(Exit(self.failed.role, self.failed.stage, code if code is not None else -1,
+                              self.config.endpoints.control_token))
         return 1
 
     async def drain(self, exit_msg: Exit) -> None:
@@ -216,6 +221,9 @@ class Launcher:
                     await child.proc.wait()
         self.control.close(linger=0)
         shutil.rmtree(self.run_dir, ignore_errors=True)  # the config copy and the control socket
+        from common.hostpool import HostPool
+
+        HostPool.remove(self.config.endpoints.host_pool)
 
     def endpoint(self) -> str:
         return self.config.endpoints.client

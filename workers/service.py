@@ -21,6 +21,7 @@ from common import sockets
 from common.codec import DecodeError
 from common.log import get_logger
 from common.hostpool import HostPoolError
+from common.liveness import Beacon, new_epoch
 from common.messages import BatchResult, Ready, SampledTokens, StageBatch, SwapDone
 from common.model.spec import ModelError
 from kernels.attention import AttentionError
@@ -122,8 +123,12 @@ class StageWorker:
         send_to_control: Any | None = None,
         executor: Any | None = None,
         send_to_first: Any | None = None,
+        beacon: tuple[str, float] = ("", 0.0),
     ) -> None:
         self.runner = runner
+        self.epoch = new_epoch()
+        address, period = beacon  # heartbeats to the scheduler, from a thread: a long batch never silences them
+        self.beacon = Beacon("worker", stage, self.epoch, [address] if address else [], period)
         self.send_to_first = send_to_first  # the last stage of 2+ hands sampled tokens to stage 0
         self.carries = Carries() if stage == 0 else None
         self.stage = stage
@@ -158,15 +163,17 @@ class StageWorker:
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
             executor=executor,
             send_to_first=sockets.connect_push(ctx, ep.stage(0)) if last and stage > 0 else None,
+            beacon=(ep.scheduler, config.liveness.heartbeat_s),
         )
 
     async def run(self) -> None:
         for sock in (self.send_to_scheduler, self.send_to_control):
             if sock is not None:
-                await sockets.send(sock, Ready("worker", self.stage))
+                await sockets.send(sock, Ready("worker", self.stage, self.epoch))
         self.log.info("worker_ready", layers=f"[{self.runner.lo},{self.runner.hi})", blocks=self.runner.num_blocks,
                       device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
                       attention=self.runner.attention.name, attention_fallback=self.runner.attention_fallback)
+        self.beacon.start()
         acks = asyncio.ensure_future(self.ack_loop())
         waiting: collections.deque[StageBatch] = collections.deque()  # stage 0: batches awaiting carried tokens
         try:
@@ -187,6 +194,7 @@ class StageWorker:
                     await self.on_batch(waiting.popleft())
         finally:
             acks.cancel()
+            self.beacon.stop()
 
     async def on_batch(self, msg: StageBatch) -> None:
         self.log.debug("batch_received", batch_id=msg.batch_id, jobs=len(msg.job_ids), swaps_out=len(msg.swap_out),

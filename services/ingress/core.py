@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.codec import DecodeError, peek
-from common.messages import CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob, TokenLogprobs
+from common.liveness import Peers
+from common.messages import Alive, CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob, TokenLogprobs
 from common.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -51,6 +52,7 @@ class _Request:
 
 
 _ERROR_CODES = {c.value for c in ErrorCode}
+SCHEDULER = ("scheduler", -1)
 
 
 class IngressCore:
@@ -58,17 +60,21 @@ class IngressCore:
 
     A job counts against the admission bound from SubmitJob until the scheduler's final JobEvent, even
     after a cancel has been answered, so the bound is on work the stack really holds. Before the
-    scheduler announces Ready("stack"), and after any process reports Exit, requests get `unavailable`.
+    scheduler announces Ready("stack"), while its heartbeat says the stack is down or has stopped coming,
+    and after the launcher reports an Exit, requests get `unavailable`.
     """
 
-    def __init__(self, limits: Limits, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, limits: Limits, tokenizer: Tokenizer | None, first_job_id: int = 1,
+                 liveness_timeout_s: float = 3.0, control_token: str = "") -> None:
         self.limits = limits
         self.tokenizer = tokenizer
+        self.control_token = control_token  # an Exit counts only with it (the launcher's)
+        self.scheduler = Peers(liveness_timeout_s, {SCHEDULER})
         self.ready = False
         self.jobs: dict[int, _Request] = {}  # job_id -> request, until the scheduler's final event
         self.live: dict[tuple[bytes, str], int] = {}  # (client, request_id) -> job_id, until the client's last event
         self.pending_stats: dict[int, tuple[bytes, str]] = {}  # request_no -> (client, request_id)
-        self._next_job = 1
+        self._next_job = max(first_job_id, 1)  # the epoch: a restarted ingress never reuses a job id
         self._next_stats = 1
         self.counters = {"requests_accepted": 0, "requests_rejected": 0, "requests_finished": 0}
 
@@ -180,11 +186,39 @@ class IngressCore:
             return self._stats(msg)
         if isinstance(msg, Ready):
             if msg.role == "stack":
+                if msg.epoch and msg.epoch < self.scheduler.epoch(SCHEDULER):
+                    return []  # an earlier scheduler's word
                 self.ready = True
             return []
         if isinstance(msg, Exit):
+            if not self.control_token or msg.token != self.control_token:
+                return []  # not from this stack's launcher (the shell logs it)
             return self.fail_all(f"{msg.role} (stage {msg.stage}) exited with code {msg.code}")
         return []
+
+    def on_alive(self, msg: Alive, now: float) -> list[Any]:
+        """The scheduler's heartbeat: whether the stack is up. A new scheduler epoch means the old one's
+        jobs are gone; a stack that went down has ended them (the scheduler's own events say why)."""
+        if (msg.role, msg.stage) != SCHEDULER:
+            return []
+        heard = self.scheduler.heard(msg, now)
+        if heard == "stale":
+            return []
+        up = self.scheduler.up(SCHEDULER)
+        out: list[Any] = []
+        if heard == "restarted":
+            out = self.fail_all("the scheduler restarted; the request was lost with it", ErrorCode.UNAVAILABLE)
+        elif self.ready and not up:
+            out = self.fail_all("a process of the stack stopped; retry later", ErrorCode.UNAVAILABLE)
+        self.ready = up
+        return out
+
+    def expire(self, now: float) -> list[Any]:
+        """The scheduler's heartbeats stopped for the timeout: every live request ends, new ones wait."""
+        if not self.scheduler.expire(now):
+            return []
+        why = f"the scheduler stopped answering (no heartbeat for {self.scheduler.timeout_s:g} s); retry later"
+        return self.fail_all(why, ErrorCode.UNAVAILABLE)
 
     def _job_event(self, ev: JobEvent) -> list[Any]:
         req = self.jobs.get(ev.job_id)
@@ -250,10 +284,10 @@ class IngressCore:
         values["ingress_max_jobs_in_system"] = self.limits.max_jobs_in_system
         return [ToClient(who[0], StatsReply(who[1], values))]
 
-    def fail_all(self, why: str) -> list[Any]:
-        """The stack broke: end every live request with `internal` and refuse new ones until Ready again."""
+    def fail_all(self, why: str, code: ErrorCode = ErrorCode.INTERNAL) -> list[Any]:
+        """The stack broke: end every live request with an error and refuse new ones until it is up again."""
         self.ready = False
-        out = [ToClient(r.identity, ErrorEvent(r.request_id, ErrorCode.INTERNAL, why))
+        out = [ToClient(r.identity, ErrorEvent(r.request_id, code, why))
                for r in self.jobs.values() if not r.cancelled]
         out += [ToClient(i, ErrorEvent(rid, ErrorCode.UNAVAILABLE, why)) for i, rid in self.pending_stats.values()]
         self.jobs.clear()

@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 from common import sockets
+from common.liveness import Beacon, new_epoch
 from common.log import get_logger
-from common.messages import Exit, JobEvent, JobEvents, Ready, Stats
+from common.messages import Alive, Exit, JobEvent, JobEvents, Ready, Stats
 from common.protocol import CLIENT_LEASE_S, CLIENT_MESSAGES
 from services.ingress.core import IngressCore, ToClient, ToScheduler
 from services.ingress.leases import Leases
@@ -18,7 +19,7 @@ from services.ingress.validate import Limits
 STATS_TIMEOUT_S = 5.0  # a stats query the scheduler has not answered by then gets `unavailable`
 CLIENT_STALL_S = 30.0  # a client that reads none of its events for this long has its requests cancelled
 FLUSH_S = 0.005  # how often queued client events are retried while any wait
-EVENT_TYPES = (JobEvent, JobEvents, Stats, Ready, Exit)
+EVENT_TYPES = (JobEvent, JobEvents, Stats, Ready, Exit, Alive)
 
 
 class Ingress:
@@ -34,8 +35,10 @@ class Ingress:
         stats_timeout_s: float = STATS_TIMEOUT_S,
         client_stall_s: float = CLIENT_STALL_S,
         client_lease_s: float = CLIENT_LEASE_S,
+        beacon: Beacon | None = None,
     ) -> None:
         self.core = core
+        self.beacon = beacon  # heartbeats to the scheduler
         self.from_clients = from_clients
         self.leases = Leases(client_lease_s) if client_lease_s > 0 else None  # 0 = clients are never timed out
         self.lost: list[tuple[bytes, str]] = []  # clients gone or not reading, for the flush loop to cancel
@@ -54,9 +57,11 @@ class Ingress:
 
         spec = load_spec(config.model.path)
         limits = Limits.from_config(config, spec)
-        core = IngressCore(limits, load_tokenizer(config.model.path))
-        ctx = ctx or sockets.context()
         ep = config.endpoints
+        epoch = new_epoch()
+        core = IngressCore(limits, load_tokenizer(config.model.path), first_job_id=epoch,
+                           liveness_timeout_s=config.liveness.timeout_s, control_token=ep.control_token)
+        ctx = ctx or sockets.context()
         return cls(
             core,
             from_clients=sockets.bind_router(ctx, ep.client, ep.bind_any, limits.max_message_bytes),
@@ -64,6 +69,7 @@ class Ingress:
             send_to_scheduler=sockets.connect_push(ctx, ep.scheduler),
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
             client_lease_s=config.ingress.client_lease_s,
+            beacon=Beacon("ingress", -1, epoch, [ep.scheduler], config.liveness.heartbeat_s),
         )
 
     async def run(self) -> None:
@@ -73,6 +79,8 @@ class Ingress:
         self.log.info("ingress_ready", client=sockets.bound_address(self.from_clients))
         tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._scheduler_loop()),
                  asyncio.create_task(self._flush_loop())]
+        if self.beacon is not None:
+            self.beacon.start()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -81,6 +89,8 @@ class Ingress:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.beacon is not None:
+                self.beacon.stop()
 
     async def _client_loop(self) -> None:
         while True:
@@ -97,9 +107,18 @@ class Ingress:
             if isinstance(msg, Exception):
                 self.log.warning("bad_scheduler_message", code=msg.code, error=msg.message)
                 continue
+            if isinstance(msg, Alive):
+                was_ready = self.core.ready
+                await self._send(self.core.on_alive(msg, time.monotonic()))
+                if was_ready != self.core.ready:
+                    self.log.warning("stack_up" if self.core.ready else "stack_down", scheduler_epoch=msg.epoch)
+                continue
             if isinstance(msg, Ready):
                 self.log.info("peer_ready", peer=msg.role, stage=msg.stage)
             elif isinstance(msg, Exit):
+                if not self.core.control_token or msg.token != self.core.control_token:
+                    self.log.warning("exit_dropped", peer=msg.role, stage=msg.stage, reason="not from this stack's launcher")
+                    continue
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
             if isinstance(msg, JobEvents):  # one iteration's events travel together
                 await self._send([out for event in msg.events for out in self.core.on_event(event)])
@@ -113,6 +132,10 @@ class Ingress:
         while True:
             await asyncio.sleep(FLUSH_S if self.outbox.backlog else 10 * FLUSH_S)
             self.outbox.flush()
+            expired = self.core.expire(time.monotonic())
+            if expired:
+                self.log.error("stack_down", reason="the scheduler stopped answering")
+                await self._send(expired)
             if self.leases is not None:
                 why = f"the client sent nothing for {self.leases.lease_s:g} s (its lease expired)"
                 self.lost += [(identity, why) for identity in self.leases.expired(time.monotonic())

@@ -69,7 +69,8 @@ class _Pending:
 class KVBooks:
     """Stage-agnostic bookkeeping: every stage has the same block ids, so one table serves all."""
 
-    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, num_stages: int = 1) -> None:
+    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, num_stages: int = 1,
+                 first_op_id: int = 0) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, not {block_size}")
         if num_stages <= 0:
@@ -82,11 +83,19 @@ class KVBooks:
         self._resident: dict[JobId, None] = {}  # jobs in DEVICE state (the offload candidates), kept in step
         self._pending: dict[int, _Pending] = {}
         self._cancelled: set[int] = set()
-        self._next_op = 0
+        self._next_op = first_op_id  # ids of copies; a later start continues past every earlier one
         self.releasing = 0  # device blocks that become free when pending copies are acknowledged
         self.counters = dict(swaps_out=0, swaps_in=0, blocks_out=0, blocks_in=0, dropped=0, ops_cancelled=0)
 
     # ---- queries -------------------------------------------------------------------------------
+    @property
+    def next_op_id(self) -> int:
+        return self._next_op
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self._jobs)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -351,6 +351,13 @@ class Planner:
         return _Step(picked, order, rank, set(picked) | flying, flying)
 
     # ---- the rest of the API -------------------------------------------------------------------
+    def reset(self, first_op_id: int | None = None) -> None:
+        """Forget every job (a new scheduler serves the stack): all blocks free; copy ids continue from
+        the old books' unless given."""
+        old = self.books
+        first = old.next_op_id if first_op_id is None else max(first_op_id, old.next_op_id)
+        self.books = KVBooks(old.device.num_blocks, old.host.num_blocks, old.block_size, old.num_stages, first)
+
     def ack(self, op_id: int, stage: int = 0) -> bool:
         """A stage finished its part of copy op_id; True once every stage has."""
         return self.books.ack(op_id, stage)

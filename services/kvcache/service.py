@@ -1,7 +1,12 @@
 """The KV-cache manager process shell: makes each batch memory-feasible and forwards it to stage 0.
 
-It owns the books (every device and host block, per-job block tables) and the planner; it creates the
-shared-memory host pool so that swapped-out KV outlives a worker restart. Copies run in the workers.
+It owns the books (every device and host block, per-job block tables) and the planner; it creates (or,
+restarted, maps again) the shared-memory host pool, which belongs to the stack: it outlives a worker's
+restart and the manager's own. Copies run in the workers.
+
+The books belong to one scheduler epoch. The manager hears the scheduler's heartbeat; a scheduler it has
+not served yet gets fresh books (every copy in flight finished first) and the pools (KVCapacity) for its
+epoch, and that scheduler sends no batch before it has them.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import numpy as np
 
 from common import sockets
 from common.codec import DecodeError
+from common.liveness import Beacon, new_epoch
 from common.log import get_logger
 from common.messages import (
+    Alive,
     BatchPlanned,
     BatchResult,
     BatchSampling,
@@ -32,7 +39,7 @@ from common.messages import SwapOp as WireSwapOp
 from services.kvcache.books import SwapOp
 from services.kvcache.planner import Planner, cut_rows
 
-INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Ready, Exit)
+INBOX_TYPES = (ScheduleBatch, SwapDone, StatsRequest, Ready, Exit, Alive)
 
 
 def wire_op(op: SwapOp) -> WireSwapOp:
@@ -51,8 +58,19 @@ class KVCacheManager:
         send_to_control: Any | None = None,
         host_pool: Any | None = None,
         block_bytes: int = 0,
+        epoch: int | None = None,
+        beacon: tuple[str, float] = ("", 0.0),
+        remove_pool: bool = False,
     ) -> None:
+        # Under `fastserve up` the stack ends with any of its processes, so the pool goes with the manager
+        # (and the launcher removes it too, should the manager be killed); run alone it stays for a restart.
+        self.remove_pool = remove_pool
+        self.epoch = epoch or new_epoch()
         self.planner = planner
+        planner.reset(first_op_id=self.epoch)  # no copy id of an earlier incarnation recurs
+        self.scheduler_epoch = 0  # the scheduler the books are kept for (0: none heard yet)
+        address, period = beacon
+        self.beacon = Beacon("kvcache", -1, self.epoch, [address] if address else [], period)
         self.block_bytes = block_bytes  # bytes of one block summed over every stage (one swap of one block)
         self.recv_inbox = recv_inbox
         self.send_to_stage0 = send_to_stage0
@@ -68,6 +86,7 @@ class KVCacheManager:
             StatsRequest: self.on_stats,
             Ready: self.on_worker_restart,
             Exit: self.on_exit,
+            Alive: self.on_scheduler_alive,
         }
 
     @classmethod
@@ -78,7 +97,7 @@ class KVCacheManager:
         host_pool = None
         if config.cache.num_host_blocks > 0 and config.cache.swap in ("proactive", "reactive"):
             try:
-                host_pool = HostPool.create(config.endpoints.host_pool, layout, replace=True)
+                host_pool = HostPool.open_for_stack(config.endpoints.host_pool, layout)
             except HostPoolError as e:
                 raise SystemExit(f"fastserve kvcache: {e}") from None
         ctx = ctx or sockets.context()
@@ -91,25 +110,55 @@ class KVCacheManager:
             send_to_control=sockets.connect_push(ctx, ep.control) if ep.control else None,
             host_pool=host_pool,
             block_bytes=sum(layout.block_bytes(k) for k in range(layout.num_stages)),
+            beacon=(ep.scheduler, config.liveness.heartbeat_s),
+            remove_pool=bool(ep.control),
         )
 
     def capacity(self) -> KVCapacity:
         books, swaps = self.planner.books, self.planner.mode in ("proactive", "reactive")
         return KVCapacity(books.device.num_blocks, books.host.num_blocks if swaps else 0, books.block_size,
-                          self.planner.headroom)
+                          self.planner.headroom, self.epoch, self.scheduler_epoch)
 
     async def run(self) -> None:
-        await sockets.send(self.send_to_scheduler, self.capacity())  # the scheduler bounds starts by it
         for sock in (self.send_to_scheduler, self.send_to_control):
             if sock is not None:
-                await sockets.send(sock, Ready("kvcache", -1))
-        self.log.info("kvcache_ready", mode=self.planner.mode, **self.planner.stats())
-        while True:
-            msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
-            if isinstance(msg, DecodeError):
-                self.log.warning("bad_message", code=msg.code, error=msg.message)
-                continue
-            await self.handlers[type(msg)](msg)
+                await sockets.send(sock, Ready("kvcache", -1, self.epoch))
+        self.log.info("kvcache_ready", mode=self.planner.mode, epoch=self.epoch, **self.planner.stats())
+        self.beacon.start()
+        try:
+            while True:
+                msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
+                if isinstance(msg, DecodeError):
+                    self.log.warning("bad_message", code=msg.code, error=msg.message)
+                    continue
+                await self.handlers[type(msg)](msg)
+        finally:
+            self.beacon.stop()
+
+    async def on_scheduler_alive(self, msg: Alive) -> None:
+        """The scheduler's heartbeat. A new scheduler gets fresh books and the pools for its epoch; one
+        that says the stack is down gets the pools again (it may have missed them)."""
+        if msg.role != "scheduler" or msg.epoch < self.scheduler_epoch:
+            return  # not the scheduler, or an earlier incarnation of it
+        if msg.epoch > self.scheduler_epoch:
+            if self.scheduler_epoch:
+                # The jobs of the old scheduler are gone with it. Every copy still running on a stage
+                # finishes before any batch of the new one reuses its blocks.
+                await self._barrier()
+                self.log.warning("scheduler_restarted", jobs_dropped=self.planner.books.num_jobs,
+                                 old_epoch=self.scheduler_epoch, epoch=msg.epoch)
+                self.planner.reset()
+            self.scheduler_epoch = msg.epoch
+        elif msg.up:
+            return
+        await sockets.send(self.send_to_scheduler, self.capacity())  # the scheduler bounds starts by it
+
+    async def _barrier(self) -> None:
+        """A message that makes every stage finish the copies it was given before anything after it.
+        (Batch id 0 is never a scheduler's: batch ids start at the scheduler's epoch.)"""
+        barrier = StageBatch(0, [], [], [], [], BatchSampling([], [], [], [], []), [], [], np.zeros(0, np.int64),
+                             None, 0.0, flush=True)
+        await sockets.send(self.send_to_stage0, barrier)
 
     async def on_batch(self, msg: ScheduleBatch) -> None:
         try:
@@ -173,16 +222,12 @@ class KVCacheManager:
         """
         lost = self.planner.device_lost()
         self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
-        # Every stage finishes the copies it still runs before any later batch reuses the blocks.
-        # (Batch id 0 was the first batch long ago: the scheduler ignores its second result.)
-        barrier = StageBatch(0, [], [], [], [], BatchSampling([], [], [], [], []), [], [], np.zeros(0, np.int64),
-                             None, 0.0, flush=True)
-        await sockets.send(self.send_to_stage0, barrier)
+        await self._barrier()  # every stage finishes the copies it still runs before the blocks are reused
         books = self.planner.books
         await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), list(lost)))
 
     async def on_exit(self, msg: Exit) -> None:
-        """The launcher says a peer died; the stack is about to stop, so there is nothing to keep."""
+        """The launcher says a peer died; the stack is about to stop, so there is nothing to do."""
         self.log.warning("peer_exited", role=msg.role, stage=msg.stage, code=msg.code)
 
     def stats(self) -> dict[str, int | float]:
@@ -205,3 +250,5 @@ class KVCacheManager:
                 sock.close(linger=0)
         if self.host_pool is not None:
             self.host_pool.close()
+            if self.remove_pool:
+                self.host_pool.remove(self.host_pool.name)

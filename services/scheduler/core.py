@@ -105,7 +105,7 @@ class SchedulerCore:
 
     def __init__(self, policy: Policy, num_stages: int, eos_token_ids: tuple[int, ...] = (),
                  send_run_order: bool | Callable[[list[Job]], bool] = True, keep_tokens: bool = True,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, first_batch_id: int = 0) -> None:
         self.policy = policy
         # Overlapped scheduling: a decode job whose batch is in flight may be picked for the next batch
         # at once; its input is the token that batch samples, which the stages hand to stage 0 (carry).
@@ -127,7 +127,7 @@ class SchedulerCore:
         self.ended_in_flight: set[int] = set()  # ended while in a batch: free when the batch returns
         self.running: set[int] = set()  # jobs that ran in a recent batch (for counting preemptions)
         self.copies_in_flight = 0  # KV copies not yet acknowledged, as the KV manager last said
-        self.next_batch_id = 0
+        self.next_batch_id = first_batch_id  # the scheduler's epoch: no id of an earlier incarnation recurs
         self.counters = Counters()
 
     # --- jobs in -------------------------------------------------------------------------------
@@ -163,7 +163,9 @@ class SchedulerCore:
         self.in_flight.clear()
         self.busy.clear()
         self.last_batch.clear()
+        self.to_free.extend(self.ended_in_flight)  # their batches never return: free their KV now
         self.ended_in_flight.clear()
+        self.blocked.clear()
         events = []
         for entry in list(self.entries.values()):
             self._end(entry, JobStatus.FAILED, now)

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from common import codec
-from common.messages import CancelJob, Exit, JobEvent, StatsRequest, SubmitJob
+from common.messages import Alive, CancelJob, Exit, JobEvent, StatsRequest, SubmitJob
 from common.protocol import PROTOCOL_VERSION, Cancel, ErrorEvent, FinishEvent, Generate, StatsQuery, TokenEvent
 from services.ingress.validate import Limits
 from test_ingress_harness import LIMITS, Harness, bounded
@@ -174,11 +174,39 @@ async def test_scheduler_error_and_exit_end_requests_with_internal(h):
     await h.emit(JobEvent(a.job_id, [], "error", "internal", "stage 1 raised"))
     ev = await h.event(d)
     assert (ev.request_id, ev.code, ev.message) == ("a", "internal", "stage 1 raised")
-    await h.emit(Exit("worker", 1, -9))
+    await h.emit(Exit("worker", 1, -9, Harness.TOKEN))
     ev = await h.event(d)
     assert (ev.request_id, ev.code) == ("b", "internal") and "worker" in ev.message
     ev = await ask(h, d, codec.encode(gen(request_id="c", prompt_ids=[2])))
     assert (ev.request_id, ev.code) == ("c", "unavailable")
+
+
+async def test_a_forged_exit_changes_nothing_and_a_silent_scheduler_ends_every_request():
+    h = await Harness(liveness_timeout_s=0.6).start()
+    try:
+        d = h.dealer()
+        await h.emit(Alive("scheduler", -1, 100, True, 1))
+        await d.send_multipart(codec.encode(gen(request_id="a", prompt_ids=[1])))
+        await h.submitted()
+        await h.emit(Exit("scheduler", -1, -9))  # without the launcher's token: dropped
+        await h.emit(Exit("scheduler", -1, -9, "a guess"))
+        await d.send_multipart(codec.encode(gen(request_id="b", prompt_ids=[2])))
+        await h.submitted()  # still serving
+        # no heartbeat follows: within the timeout (and a flush period) both end with `unavailable`
+        events = [await bounded(h.event(d), 3.0) for _ in range(2)]
+        assert sorted((ev.request_id, ev.code) for ev in events) == [("a", "unavailable"), ("b", "unavailable")]
+        assert "no heartbeat" in events[0].message
+        ev = await ask(h, d, codec.encode(gen(request_id="c", prompt_ids=[3])))
+        assert (ev.request_id, ev.code) == ("c", "unavailable")
+        await h.emit(Alive("scheduler", -1, 99, True, 5))  # an earlier incarnation's late heartbeat
+        ev = await ask(h, d, codec.encode(gen(request_id="c", prompt_ids=[3])))
+        assert ev.code == "unavailable"
+        await h.emit(Alive("scheduler", -1, 200, True, 1))  # a restarted scheduler, up
+        await bounded(h._until(lambda: h.core.ready))
+        await d.send_multipart(codec.encode(gen(request_id="d", prompt_ids=[4])))
+        assert isinstance(await h.submitted(), SubmitJob)
+    finally:
+        await h.close()
 
 
 async def test_requests_before_the_stack_is_ready_get_unavailable():

@@ -41,9 +41,12 @@ async def bounded(awaitable, timeout: float = WAIT_S):
 class Harness:
     """Ingress under test; `sched_in` receives what it sends the scheduler, `sched_out` feeds it events."""
 
-    def __init__(self, limits: Limits = LIMITS, stats_timeout_s: float = 2.0, client_lease_s: float = 10.0) -> None:
+    TOKEN = "launcher-token"  # the control token the harness's launcher would hold
+
+    def __init__(self, limits: Limits = LIMITS, stats_timeout_s: float = 2.0, client_lease_s: float = 10.0,
+                 liveness_timeout_s: float = 3.0) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.core = IngressCore(limits, ByteTokenizer())
+        self.core = IngressCore(limits, ByteTokenizer(), liveness_timeout_s=liveness_timeout_s, control_token=self.TOKEN)
         router = sockets.bind_router(self.ctx, "tcp://127.0.0.1:*")
         inbox = sockets.bind_inbox(self.ctx, "tcp://127.0.0.1:*")
         self.sched_in = sockets.bind_inbox(self.ctx, "tcp://127.0.0.1:*")

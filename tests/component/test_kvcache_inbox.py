@@ -9,7 +9,7 @@ import zmq
 import zmq.asyncio
 
 from common import sockets
-from common.messages import BatchPlanned, BatchSampling, KVCapacity, Ready, ScheduleBatch, StageBatch, SwapDone
+from common.messages import Alive, BatchPlanned, BatchSampling, KVCapacity, Ready, ScheduleBatch, StageBatch, SwapDone
 from services.kvcache.books import KVBooks
 from services.kvcache.planner import Planner
 from services.kvcache.service import KVCacheManager
@@ -36,9 +36,10 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
     to_manager = sockets.connect_push(ctx, names["inbox"])
     loop = asyncio.ensure_future(manager.run())
     try:
-        capacity = await asyncio.wait_for(sockets.recv(scheduler), 10)
-        assert isinstance(capacity, KVCapacity) and capacity.device_blocks == 16
         assert isinstance(await asyncio.wait_for(sockets.recv(scheduler), 10), Ready)
+        await sockets.send(to_manager, Alive("scheduler", -1, 7, False))  # the pools go to a scheduler's epoch
+        capacity = await asyncio.wait_for(sockets.recv(scheduler), 10)
+        assert isinstance(capacity, KVCapacity) and capacity.device_blocks == 16 and capacity.scheduler_epoch == 7
         # a late ack from before a restart, a forged op id, a stage that does not exist
         for op_ids, stage in (([0], 0), ([12345, 7], 0), ([0], 9)):
             await sockets.send(to_manager, SwapDone(stage, op_ids, 0.001, 0.0))
@@ -48,6 +49,45 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
         forwarded = await asyncio.wait_for(sockets.recv(stage0), 10)
         assert isinstance(forwarded, StageBatch) and forwarded.job_ids == [42]
         assert not loop.done()
+    finally:
+        loop.cancel()
+        manager.close()
+        for sock in (stage0, scheduler, to_manager):
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
+    ctx = zmq.asyncio.Context()
+    names = {k: f"inproc://kv2-{k}" for k in ("inbox", "stage0", "scheduler")}
+    stage0 = ctx.socket(zmq.PULL)
+    stage0.bind(names["stage0"])
+    scheduler = ctx.socket(zmq.PULL)
+    scheduler.bind(names["scheduler"])
+    manager = KVCacheManager(
+        Planner(KVBooks(16, 32, 4, num_stages=1), "proactive", 2, 4),
+        recv_inbox=sockets.bind_inbox(ctx, names["inbox"]),
+        send_to_stage0=sockets.connect_push(ctx, names["stage0"]),
+        send_to_scheduler=sockets.connect_push(ctx, names["scheduler"]),
+    )
+    to_manager = sockets.connect_push(ctx, names["inbox"])
+    loop = asyncio.ensure_future(manager.run())
+    recv = lambda sock: asyncio.wait_for(sockets.recv(sock), 10)  # noqa: E731
+    try:
+        assert isinstance(await recv(scheduler), Ready)
+        await sockets.send(to_manager, Alive("scheduler", -1, 1000, False))
+        assert (await recv(scheduler)).scheduler_epoch == 1000
+        await sockets.send(to_manager, batch(1000, 42, list(range(10))))  # job 42 holds 3 blocks
+        assert isinstance(await recv(scheduler), BatchPlanned)
+        assert (await recv(stage0)).job_ids == [42]
+        assert manager.planner.books.device.num_free == 13
+        await sockets.send(to_manager, Alive("scheduler", -1, 999, False))  # an older incarnation: ignored
+        await sockets.send(to_manager, Alive("scheduler", -1, 2000, False))  # the scheduler restarted
+        capacity = await recv(scheduler)
+        assert isinstance(capacity, KVCapacity) and capacity.scheduler_epoch == 2000
+        barrier = await recv(stage0)
+        assert isinstance(barrier, StageBatch) and barrier.flush and barrier.job_ids == []
+        assert manager.planner.is_whole() and manager.planner.books.device.num_free == 16
     finally:
         loop.cancel()
         manager.close()

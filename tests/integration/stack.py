@@ -134,4 +134,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes[key] = proc.wait()
+        from common.hostpool import HostPool
+
+        HostPool.remove(self.config.endpoints.host_pool)  # run alone, the pool outlives every process
         return codes

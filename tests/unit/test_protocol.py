@@ -72,8 +72,8 @@ def test_detokenizer_emits_invalid_bytes_instead_of_holding_them_forever():
     assert "".join(deltas) + detok.flush() == "\ufffd" * 8
 
 
-def core(ready: bool = True) -> IngressCore:
-    c = IngressCore(LIMITS, Bytes())
+def core(ready: bool = True, control_token: str = "") -> IngressCore:
+    c = IngressCore(LIMITS, Bytes(), control_token=control_token)
     if ready:
         c.on_event(Ready("stack", -1))
     return c
@@ -157,7 +157,7 @@ def test_admission_counts_jobs_until_the_scheduler_lets_go():
 
 
 def test_not_ready_then_exit_fails_everything():
-    c = core(ready=False)
+    c = core(ready=False, control_token="launcher-token")
     assert only(c.on_client(b"c", gen(request_id="x", prompt="a"))).code == "unavailable"
     c.on_event(Ready("scheduler", -1))  # only the stack's readiness counts
     assert only(c.on_client(b"c", gen(request_id="x", prompt="a"))).code == "unavailable"
@@ -165,7 +165,9 @@ def test_not_ready_then_exit_fails_everything():
     only(c.on_client(b"c", gen(request_id="x", prompt="a")))
     req = only(c.on_client(b"d", StatsQuery("s")))
     assert isinstance(req, StatsRequest)
-    outs = c.on_event(Exit("worker", 0, 1))
+    for forged in ("", "guess"):  # only the launcher's token counts: a forged Exit changes nothing
+        assert c.on_event(Exit("worker", 0, 1, forged)) == [] and c.ready
+    outs = c.on_event(Exit("worker", 0, 1, "launcher-token"))
     assert {(o.msg.request_id, o.msg.code) for o in outs} == {("x", "internal"), ("s", "unavailable")}
     assert not c.ready and c.jobs == {} and c.pending_stats == {}
 
