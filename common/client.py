@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from common import codec, sockets
+from common.curve import ClientKeys
 from common.protocol import (
     HEARTBEAT_S,
     PROTOCOL_VERSION,
@@ -105,13 +106,16 @@ class AsyncClient:
     request is cancelled on the server and RequestTimeout is raised. While requests are open, a Heartbeat
     goes out every `heartbeat_s` seconds: the server cancels the requests of a client it has not heard
     from for its lease (docs/PROTOCOL.md), so those of a process that dies end soon after.
+    A stack with `security.curve` on needs `keys`: `ClientKeys.load(keys_dir)`, the client keypair and
+    the stack's public key (or `client_keys(config.security)`, None when CURVE is off).
     """
 
     def __init__(self, address: str, timeout: float = 60.0, ctx: Any | None = None,
-                 heartbeat_s: float = HEARTBEAT_S) -> None:
+                 heartbeat_s: float = HEARTBEAT_S, keys: ClientKeys | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self.heartbeat_s = heartbeat_s
+        self.keys = keys
         self._ctx = ctx
         self._sock: Any = None
         self._reader: asyncio.Task | None = None
@@ -153,10 +157,11 @@ class AsyncClient:
     async def stats(self, timeout: float | None = None) -> dict[str, int | float]:
         """The stack's counters (kv_free_blocks, kv_total_blocks, ingress_jobs_in_system, ...)."""
         request_id = self._new_id()
+        deadline = self._deadline(timeout)
         queue = await self._open(request_id)
         try:
-            await sockets.send(self._sock, StatsQuery(request_id))
-            event = await self._next(queue, request_id, self._deadline(timeout))
+            await self._send(StatsQuery(request_id), deadline)
+            event = await self._next(queue, request_id, deadline)
         finally:
             self._queues.pop(request_id, None)
         if isinstance(event, ErrorEvent):
@@ -195,7 +200,7 @@ class AsyncClient:
         queue = await self._open(request_id)
         finished = False
         try:
-            await sockets.send(self._sock, request)
+            await self._send(request, deadline)
             while not finished:
                 event = await self._next(queue, request_id, deadline)
                 if isinstance(event, ErrorEvent):
@@ -207,6 +212,16 @@ class AsyncClient:
             self._queues.pop(request_id, None)
             if not finished and self._sock is not None:
                 self._sock.send_multipart(codec.encode(Cancel(request_id)))  # not awaited: may run in aclose()
+
+    async def _send(self, request: Generate | StatsQuery, deadline: float) -> None:
+        """Send within the request's deadline. A send waits only while ZeroMQ cannot queue it: the pipe to
+        the server is full, or gone because the server refused this client's CURVE keys (for good)."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await sockets.send(self._sock, request)
+        except TimeoutError:
+            raise RequestTimeout("could not send within the timeout (a full connection, or a server that "
+                                 "refuses this client's CURVE keys)", request.request_id) from None
 
     async def _next(self, queue: asyncio.Queue, request_id: str, deadline: float) -> Any:
         try:
@@ -227,7 +242,7 @@ class AsyncClient:
 
     async def _connect(self) -> None:
         if self._sock is None:
-            self._sock = sockets.connect_dealer(self._ctx or sockets.context(), self.address)
+            self._sock = sockets.connect_dealer(self._ctx or sockets.context(), self.address, self.keys)
             self._reader = asyncio.create_task(self._read())
             self._heartbeat = asyncio.create_task(self._renew_lease())
 
@@ -269,11 +284,12 @@ class AsyncClient:
 class Client:
     """Blocking client: an AsyncClient driven by its own event loop thread."""
 
-    def __init__(self, address: str, timeout: float = 60.0, heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, heartbeat_s: float = HEARTBEAT_S,
+                 keys: ClientKeys | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fastserve-client", daemon=True)
         self._thread.start()
-        self._client = AsyncClient(address, timeout, heartbeat_s=heartbeat_s)
+        self._client = AsyncClient(address, timeout, heartbeat_s=heartbeat_s, keys=keys)
 
     def __enter__(self) -> "Client":
         return self

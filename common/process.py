@@ -9,11 +9,13 @@ import sys
 from typing import Any, Awaitable, Callable
 
 from common import config as config_mod
+from common import sockets
 from common.log import setup_logging
 
 
 def parse(prog: str, description: str, argv: list[str], stage: bool = False) -> tuple[Any, config_mod.Config]:
-    """Common options of a process entry; exits with status 2 and one line on a bad config."""
+    """Common options of a process entry, and the process's socket security (every entry makes its sockets
+    after this); exits with status 2 and one line on a bad config or unreadable keys."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="TOML config file (defaults when omitted)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value")
@@ -23,6 +25,7 @@ def parse(prog: str, description: str, argv: list[str], stage: bool = False) -> 
     args = parser.parse_args(argv)
     try:
         config = config_mod.load(args.config, args.set)
+        sockets.secure(config.security)
     except config_mod.ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,14 +1,16 @@
-"""ZeroMQ (asyncio) socket helpers: inboxes, peers, client sockets, and sending/receiving encoded messages."""
+"""ZeroMQ (asyncio) socket helpers: inboxes, peers, client sockets, CURVE, and sending/receiving encoded messages."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from common import codec
+from common import codec, curve
 from common.codec import DecodeError
+from common.config import ConfigError, SecurityConfig
 
 # Every socket is made with linger=0: a process that stops never blocks on unsent messages, and tests
 # that close sockets never hang. Inboxes are PULL sockets that many peers PUSH into; a process binds only
@@ -33,30 +35,94 @@ def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+# CURVE (security.curve) is a process-wide choice, made once by secure() before any socket: off, every
+# socket is plain; on, every bound socket is a CURVE server presenting the stack keypair, whose ZAP domain
+# says which client keys it accepts (common/curve.py), and every connecting socket a CURVE client.
+# ZAP_ENFORCE_DOMAIN makes a server that no authenticator answers for refuse every peer; libzmq would
+# otherwise let any key in.
+
+
+@dataclass(frozen=True)
+class _Secured:
+    keys: curve.StackKeys
+    ctx: zmq.Context  # the context the authenticator answers for: CURVE servers must be made in it
+    auth: Any  # zmq.auth.thread.ThreadAuthenticator
+
+
+_secured: _Secured | None = None
+
+
+def secure(security: SecurityConfig) -> None:
+    """Make the sockets this process makes from now on CURVE (config [security] curve = true) or plain."""
+    global _secured
+    if _secured is not None:
+        _secured.auth.stop()
+        _secured = None
+    if security.curve:
+        keys = curve.StackKeys.load(security.keys_dir)
+        ctx = context()
+        _secured = _Secured(keys, ctx, curve.start_authenticator(ctx, keys))
+
+
 def _socket(ctx: zmq.Context, kind: int) -> Any:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     return sock
 
 
+def _server(ctx: zmq.Context, kind: int, domain: str) -> Any:
+    """A socket to bind; secured, a CURVE server whose ZAP domain picks the client keys it accepts."""
+    if _secured is None:
+        return _socket(ctx, kind)
+    if ctx is not _secured.ctx:
+        raise RuntimeError("with security.curve on, bind sockets in sockets.context(): its authenticator checks keys")
+    own = _secured.keys.internal()
+    sock = _socket(ctx, kind)
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = own.public, own.secret
+    sock.setsockopt_string(zmq.ZAP_DOMAIN, domain)
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    return sock
+
+
+def _connect_as(sock: Any, keys: curve.ClientKeys | None) -> None:
+    """Before connect: a CURVE client with these keys (None: plain)."""
+    if keys is not None:
+        sock.curve_serverkey = keys.server
+        sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+
+
+def _dealer_keys() -> curve.ClientKeys | None:
+    """A DEALER's keys when its caller gives none: the process's client keypair when secured."""
+    if _secured is None:
+        return None
+    if _secured.keys.client is None:
+        raise ConfigError(f"security.curve is on and this process connects as a client, but its keys directory has "
+                          f"no {curve.CLIENT}{curve.SECRET}; give it the client keypair")
+    return _secured.keys.client
+
+
 def bind_inbox(ctx: zmq.Context, address: str, bind_any: bool = False) -> Any:
-    """A PULL socket bound to this process's inbox address."""
-    sock = _socket(ctx, zmq.PULL)
+    """A PULL socket bound to this process's inbox address; secured, it accepts the stack key only."""
+    sock = _server(ctx, zmq.PULL, curve.STACK_DOMAIN)
     sock.bind(bind_address(address, bind_any))
     return sock
 
 
 def connect_push(ctx: zmq.Context, address: str) -> Any:
     """A PUSH socket connected to a peer's inbox; messages queue until the peer is up."""
+    keys = _secured.keys.internal() if _secured else None
     sock = _socket(ctx, zmq.PUSH)
+    _connect_as(sock, keys)
     sock.connect(address)
     return sock
 
 
 def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False, max_message_bytes: int = -1) -> Any:
     """The ROUTER socket that clients' DEALER sockets connect to. With max_message_bytes > 0, ZeroMQ
-    drops the connection of a peer that sends a larger frame before any of it is buffered whole."""
-    sock = _socket(ctx, zmq.ROUTER)
+    drops the connection of a peer that sends a larger frame before any of it is buffered whole.
+    Secured, it accepts the client keys and the stack key."""
+    sock = _server(ctx, zmq.ROUTER, curve.CLIENT_DOMAIN)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     # A send to a full or vanished client fails (EAGAIN, EHOSTUNREACH) instead of being dropped in
     # silence at the high-water mark: services/ingress/outbox.py queues or cancels on it.
@@ -65,9 +131,12 @@ def bind_router(ctx: zmq.Context, address: str, bind_any: bool = False, max_mess
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, address: str) -> Any:
-    """A client's DEALER socket connected to the ingress ROUTER."""
+def connect_dealer(ctx: zmq.Context, address: str, keys: curve.ClientKeys | None = None) -> Any:
+    """A client's DEALER socket connected to the ingress ROUTER; CURVE with `keys`, or with the process's
+    client keypair when secured."""
+    keys = keys or _dealer_keys()
     sock = _socket(ctx, zmq.DEALER)
+    _connect_as(sock, keys)
     sock.connect(address)
     return sock
 

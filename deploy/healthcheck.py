@@ -1,10 +1,11 @@
 """Container health check of one process of the stack, from the shared config; exit 0 when healthy.
 
-ingress: healthy once it answers a stats query, which it does only after the scheduler has relayed the
-ready handshakes of kvcache and every worker (the stack is ready). scheduler, kvcache, worker: healthy
-once the process's inbox accepts connections; each binds it after loading (model, host pool) and sends
-its ready handshake right after binding. http: healthy once GET /health answers 200, which it does only
-while ingress reports the stack ready.
+ingress: healthy once it answers a stats query (asked with the client keys when security.curve is on),
+which it does only after the scheduler has relayed the ready handshakes of kvcache and every worker (the
+stack is ready). scheduler, kvcache, worker: healthy once the process's inbox accepts TCP connections
+(CURVE or not); each binds it after loading (model, host pool) and sends its ready handshake right after
+binding. http: healthy once GET /health answers 200, which it does only while ingress reports the stack
+ready.
 
     python deploy/healthcheck.py --config FILE ingress|scheduler|kvcache|worker|http [--stage K]
 """
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import socket
 import sys
+from typing import Any
 
 from common import config as config_mod
 
@@ -48,15 +50,22 @@ def http_ok(url: str, timeout: float) -> bool:
         return False
 
 
-async def stack_ready(address: str, timeout: float) -> bool:
+async def stack_ready(address: str, timeout: float, keys: Any = None) -> bool:
+    """`keys`: the client keys of a CURVE stack (common.curve.ClientKeys), None for a plain one."""
     from common.client import AsyncClient, FastServeError
 
-    async with AsyncClient(address, timeout=timeout) as client:
+    async with AsyncClient(address, timeout=timeout, keys=keys) as client:
         try:
             await client.stats()
             return True
         except FastServeError:  # unavailable while starting, or no answer within the timeout
             return False
+
+
+def ingress_ready(config: config_mod.Config, address: str, timeout: float) -> bool:
+    from common.curve import client_keys  # lazy, as the client: the other checks need no ZeroMQ
+
+    return asyncio.run(stack_ready(address, timeout, client_keys(config.security)))
 
 
 def main(argv: list[str]) -> int:
@@ -73,7 +82,7 @@ def main(argv: list[str]) -> int:
         healthy = http_ok(address, args.timeout)
     else:
         address = inbox(config, args.role, args.stage)
-        healthy = asyncio.run(stack_ready(address, args.timeout)) if args.role == "ingress" else port_open(address, args.timeout)
+        healthy = ingress_ready(config, address, args.timeout) if args.role == "ingress" else port_open(address, args.timeout)
     print(f"{args.role}: {'healthy' if healthy else 'not ready'} ({address})")
     return 0 if healthy else 1
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scheduler": ("services.scheduler.__main__", "run the scheduler process alone"),
     "kvcache": ("services.kvcache.__main__", "run the KV-cache manager process alone"),
     "worker": ("workers.__main__", "run one stage worker process alone"),
+    "keys": ("services.keys", "write CURVE key files for a stack with security.curve on"),
     "sim": ("bench.sim.cli", "discrete-event simulation of the scheduling policies"),
     "loadtest": ("bench.loadtest", "open-loop load test against a running (or launched) stack"),
 }

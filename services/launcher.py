@@ -125,6 +125,7 @@ class Launcher:
         self.log_level = log_level
         self.quiet = quiet
         self.children: list[Child] = []
+        sockets.secure(self.config.security)  # CURVE like its children: the control inbox, the drain's Exits
         self.ctx = sockets.context()
         self.control = sockets.bind_inbox(self.ctx, control)
         self.failed: Child | None = None
@@ -232,7 +233,7 @@ class Launcher:
 async def launch(config: config_mod.Config, log_level: str) -> int:
     try:
         launcher = Launcher(config, log_level)
-    except ProfileFailed as e:
+    except (ProfileFailed, config_mod.ConfigError) as e:  # no profile, or unreadable CURVE keys
         print(f"fastserve up: {e}", file=sys.stderr)
         return 1
     try:

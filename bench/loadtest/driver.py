@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from bench.loadtest.plan import Send
 from common.client import AsyncClient, FastServeError
+from common.curve import ClientKeys
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ async def run_one(client: AsyncClient, send: Send, t0: float, timeout: float) ->
 
 
 @contextlib.asynccontextmanager
-async def zmq_backend(address: str, timeout: float) -> AsyncIterator[SendOne]:
-    async with AsyncClient(address, timeout=timeout) as client:
+async def zmq_backend(address: str, timeout: float, keys: ClientKeys | None = None) -> AsyncIterator[SendOne]:
+    """The client library; `keys` for a stack with security.curve on (functools.partial binds them)."""
+    async with AsyncClient(address, timeout=timeout, keys=keys) as client:
         await client.wait_ready(timeout=60.0)
         yield lambda send, t0: run_one(client, send, t0, timeout)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.client import AsyncClient
+from common.curve import client_keys
 from common.model.spec import TINY
 from common.protocol import ErrorCode
 from services.http.chat import ChatTemplate, ChatTemplateError
@@ -99,7 +100,8 @@ class FrontDoor:
         name = config.http.model_name or (TINY if path == TINY else Path(path).name)
         model = ServedModel(name, config.model.max_context or spec.max_context, int(time.time()))
         template = ChatTemplate.fallback() if path == TINY else ChatTemplate.for_model(path)
-        client = AsyncClient(config.endpoints.client, timeout=config.http.request_timeout_s)
+        client = AsyncClient(config.endpoints.client, timeout=config.http.request_timeout_s,
+                             keys=client_keys(config.security))
         return cls(client, model, PromptEncoder.for_model(path), template, Metrics(),
                    config.http.default_max_tokens, config.http.max_body_bytes, TokenPieces.for_model(path))
 

@@ -8,6 +8,7 @@ environment, start order and health checks, and the mounted config with every se
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -21,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from bench import workloads
-from bench.loadtest.driver import run_load
+from bench.loadtest.driver import run_load, zmq_backend
 from bench.loadtest.plan import make_plan
-from common.client import Client
+from common import config as config_mod
+from common.client import Client, RequestTimeout
+from common.curve import client_keys, make_keys
 from stack import free_ports
 
 yaml = pytest.importorskip("yaml")
@@ -31,6 +34,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 CONTAINER_CONFIG = "/etc/fastserve/config.toml"
+CONTAINER_KEYS = "/etc/fastserve/keys"
 ADDRESS = re.compile(r'tcp://([A-Za-z0-9_.-]+):(\d+)')
 
 
@@ -60,14 +64,15 @@ def test_compose_services_and_mounts():
     assert sorted(gpu) == ["http", "ingress", "kvcache", "scheduler", "worker0-gpu", "worker1-gpu"]
     for svc in cpu.values():
         assert any(v.endswith(f":{CONTAINER_CONFIG}:ro") for v in svc["volumes"])  # one shared config
+        assert f"./deploy/keys:{CONTAINER_KEYS}:ro" in svc["volumes"]  # and the CURVE keys it names
         assert "test" in svc["healthcheck"]
     for name in ("worker0-gpu", "worker1-gpu"):
         assert gpu[name]["ipc"] == "service:kvcache" and gpu[name]["deploy"]["resources"]["reservations"]["devices"]
 
 
 def local_config(tmp_path: Path, service_names: set[str]) -> Path:
-    """The mounted config with every `tcp://SERVICE:PORT` on 127.0.0.1 and a free port, its own host pool, and
-    the tiny model."""
+    """The mounted config with every `tcp://SERVICE:PORT` on 127.0.0.1 and a free port, its own host pool, the
+    tiny model, and CURVE keys made as `fastserve keys deploy/keys` makes them before `docker-compose up`."""
     mount = next(v for v in compose()["services"]["ingress"]["volumes"] if v.split(":")[1] == CONTAINER_CONFIG)
     text = (ROOT / mount.split(":")[0]).read_text()
     found = sorted(set(ADDRESS.findall(text)))
@@ -77,6 +82,9 @@ def local_config(tmp_path: Path, service_names: set[str]) -> Path:
     text = re.sub(r'host_pool = "[^"]*"', f'host_pool = "fastserve_compose_{uuid.uuid4().hex[:8]}"', text)
     text = re.sub(r'^http = "[^"]*"', f'http = "127.0.0.1:{free_ports(1)[0]}"', text, flags=re.M)
     text = re.sub(r'^path = "[^"]*"', 'path = "tiny"', text, flags=re.M)  # the wiring, not SmolLM2's load time
+    assert f'keys_dir = "{CONTAINER_KEYS}"' in text  # the config names the mounted keys
+    make_keys(tmp_path / "keys")
+    text = text.replace(f'keys_dir = "{CONTAINER_KEYS}"', f'keys_dir = "{tmp_path / "keys"}"')
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path
@@ -129,11 +137,16 @@ def test_compose_services_as_local_processes_serve_requests(tmp_path):
         for name in services:
             wait_healthy(name, services[name], config, procs)
         client_addr = re.search(r'client = "([^"]+)"', config.read_text()).group(1)
-        with Client(client_addr, timeout=120) as client:
+        keys = client_keys(config_mod.load(config).security)
+        assert keys is not None  # the compose stack binds beyond loopback: CURVE is on
+        with Client(client_addr, timeout=120, keys=keys) as client:
             result = client.generate(prompt_ids=[5, 6, 7, 8], max_tokens=12, ignore_eos=True)
             assert result.completion_tokens == 12 and len(result.token_ids) == 12
+        with Client(client_addr, timeout=1) as plain, pytest.raises(RequestTimeout):
+            plain.stats()  # a client without the keys gets nothing
         plan = make_plan(workloads.synthetic(8, 20.0, 2.0, (1.1, 4, 64), (1.1, 1, 24), seed=1), seed=1)
-        outcomes = asyncio.run(asyncio.wait_for(run_load(client_addr, plan), 120))
+        backend = functools.partial(zmq_backend, keys=keys)
+        outcomes = asyncio.run(asyncio.wait_for(run_load(client_addr, plan, backend=backend), 120))
         assert [o.error for o in outcomes] == [""] * 8
         assert [o.tokens for o in outcomes] == [s.max_tokens for s in plan]
         assert all(o.scheduled_s <= o.first_token_s <= o.finish_s for o in outcomes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from stack import Stack
 
@@ -90,3 +93,25 @@ def test_a_model_that_cannot_be_profiled_ends_fastserve_up_with_one_line_and_no_
     assert "fastserve up: profiling the model for skip-join failed" in proc.stderr
     assert "CPU-only build" in proc.stderr  # the profile's own one-line cause comes first
     assert not list(tmp_path.glob("profile-*"))  # no half-written profile is left to be reused
+
+
+async def test_a_curve_stack_serves_clients_with_its_keys_and_heartbeats_through_curve(tmp_path):
+    from common.client import AsyncClient, RequestTimeout
+    from common.curve import ClientKeys, make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    stack = Stack(["scheduler.policy=fcfs", "security.curve=true", f"security.keys_dir={keys}",
+                   "liveness.heartbeat_s=0.2", "liveness.timeout_s=1"], num_stages=2)
+    try:
+        async with AsyncClient(stack.endpoint, timeout=60, keys=ClientKeys.load(keys)) as client:
+            await client.wait_ready(timeout=60)
+            result = await client.generate(prompt_ids=[1, 2, 3], max_tokens=5)
+            assert len(result.token_ids) == 5
+            await asyncio.sleep(2.5)  # longer than the liveness timeout: heartbeats pass the CURVE inboxes
+            assert (await client.stats())["stack_up"] == 1
+        async with AsyncClient(stack.endpoint, timeout=2) as plain:
+            with pytest.raises(RequestTimeout):
+                await plain.generate(prompt_ids=[1], max_tokens=1)
+    finally:
+        assert stack.stop() == 0

@@ -73,3 +73,19 @@ def test_a_commands_own_defaults_lose_to_the_file_and_the_overrides(tmp_path):
     p.write_text('[scheduler]\nmax_jobs = 4\n')
     c = cfg.load(p, ["cache.block_size=32"], defaults)
     assert (c.model.path, c.scheduler.max_jobs, c.cache.block_size) == ("tiny", 4, 32)
+
+
+def test_security_is_off_by_default_and_curve_needs_a_keys_directory(tmp_path):
+    assert cfg.load(None, TINY).security == cfg.SecurityConfig(curve=False, keys_dir="")
+    with pytest.raises(cfg.ConfigError, match="keys_dir is empty"):
+        cfg.load(None, [*TINY, "security.curve=true"])
+    with pytest.raises(cfg.ConfigError, match="not a directory.*fastserve keys"):
+        cfg.load(None, [*TINY, "security.curve=true", f"security.keys_dir={tmp_path / 'none'}"])
+    with pytest.raises(cfg.ConfigError, match="security.curve must be true or false"):
+        cfg.load(None, [*TINY, "security.curve=maybe"])
+    p = tmp_path / "c.toml"
+    p.write_text(f'[security]\ncurve = true\nkeys_dir = "{tmp_path}"\n')
+    c = cfg.load(p, TINY)
+    assert (c.security.curve, c.security.keys_dir) == (True, str(tmp_path))
+    p.write_text(cfg.dumps(c))
+    assert cfg.load(p) == c  # the launcher hands its children the section with the rest
