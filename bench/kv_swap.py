@@ -36,7 +36,7 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     config = config_mod.load(None, [
         "model.path=tiny", "scheduler.policy=skip-join-mlfq", f"cache.swap={mode}", f"cache.num_gpu_blocks={args.blocks}",
         "cache.headroom_blocks=4", "cache.num_host_blocks=4096", f"scheduler.max_jobs={args.max_jobs}",
-        f"scheduler.base_quantum_s={args.quantum}",
+        f"scheduler.base_quantum_s={args.quantum}", "ingress.kv_overcommit=0",  # the modes meet the whole burst
     ])
     spec = WorkloadSpec(num=args.num, rate=args.rate, cv=2.0, input_zipf=(1.1, 16, 256), output_zipf=(1.1, 1, 256),
                         max_context=512, seed=args.seed)

@@ -190,12 +190,18 @@ class IngressConfig:
 
     default_max_tokens: int = 256  # a Generate without max_tokens gets min(this, the context its prompt leaves)
     client_lease_s: float = 10.0  # a client with live requests that sends nothing this long has them cancelled; 0 = never
+    # Memory-aware admission: the jobs in the system may need, each at its worst (prompt + max_tokens), this many
+    # times the device + host KV blocks; a request past that gets `overloaded`. 1.0 never drops KV for lack of
+    # room; above 1 bets that outputs end before max_tokens; 0 = no memory bound (only scheduler.max_jobs_in_system)
+    kv_overcommit: float = 1.0
 
     def validate(self) -> None:
         if self.default_max_tokens <= 0:
             raise ConfigError("ingress.default_max_tokens must be > 0")
         if self.client_lease_s < 0:
             raise ConfigError("ingress.client_lease_s must be >= 0 (0 = clients never time out)")
+        if self.kv_overcommit < 0:
+            raise ConfigError("ingress.kv_overcommit must be >= 0 (0 = no memory bound on admission)")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,10 +20,13 @@ from bench.loadtest.plots import plot_jct_cdf, plot_latency_vs_rate
 from bench.loadtest.report import format_table, jct_values, measured_rate, ratios, saturation, summarize_outcomes
 from common import config as config_mod
 from common.config import POLICIES
+from common.curve import client_keys
 
 # Launched stacks compare the scheduling policies, so they serve the tiny model (its iterations cost
-# milliseconds, the queueing is the scheduler's) unless --config or --set names another.
-LAUNCH_DEFAULTS = ("model.path=tiny",)
+# milliseconds, the queueing is the scheduler's) unless --config or --set names another. The queue is what
+# the policies order, so ingress admits every request (no memory-aware bound, ingress.kv_overcommit=0):
+# a burst past what the pools hold waits in the scheduler instead of being answered `overloaded`.
+LAUNCH_DEFAULTS = ("model.path=tiny", "ingress.kv_overcommit=0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,12 +91,12 @@ def rates_of(args: argparse.Namespace) -> list[float | None]:
     raise ValueError("give --rate or --rates (or --trace to replay at the recorded rate, or --saturation)")
 
 
-def backend_of(args: argparse.Namespace) -> Any:
+def backend_of(args: argparse.Namespace, config: config_mod.Config) -> Any:
     if args.backend == "openai":
         from bench.loadtest.openai_backend import openai_backend
 
         return openai_backend(args.model)
-    return zmq_backend
+    return functools.partial(zmq_backend, keys=client_keys(config.security))  # None: a stack without CURVE
 
 
 def serve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +112,7 @@ def serve_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: argparse.Namespace,
-                  slo: Any, batch_jobs: int) -> dict[str, Any]:
+                  slo: Any, batch_jobs: int, backend: Any) -> dict[str, Any]:
     workload = spec.build() if spec.rate is not None or spec.trace else spec.at_rate(1.0).build()
     sends = plan_mod.make_plan(workload, args.warmup, args.seed, burst=args.saturation)
     load_before = os.getloadavg()  # other work on the machine skews latencies; recorded with the run
@@ -119,7 +123,7 @@ async def one_run(address: str, label: str, spec: plan_mod.WorkloadSpec, args: a
         bar = tqdm(total=len(sends), desc=label, unit="req", file=sys.stderr, leave=False)
     try:
         outcomes = await run_load(address, sends, args.concurrency, args.timeout,
-                                  on_done=(lambda _: bar.update()) if bar else None, backend=backend_of(args))
+                                  on_done=(lambda _: bar.update()) if bar else None, backend=backend)
     finally:
         if bar is not None:
             bar.close()
@@ -137,6 +141,7 @@ async def run_all(args: argparse.Namespace, config: config_mod.Config) -> dict[s
     spec, rates, slo = workload_spec(args, config), rates_of(args), plan_mod.parse_slo(args.slo)
     serve_options(args)  # refused before any stack starts
     http = args.backend == "openai"
+    backend = backend_of(args, config)
     runs: list[dict[str, Any]] = []
     if args.launch:
         for policy in policy_list(args, config):
@@ -144,12 +149,12 @@ async def run_all(args: argparse.Namespace, config: config_mod.Config) -> dict[s
                 target = stack.base_url if http else stack.endpoint
                 for rate in rates:
                     run = await stack.guard(one_run(target, f"{policy} @ {rate}", spec.at_rate(rate), args, slo,
-                                                     config.scheduler.max_jobs))
+                                                     config.scheduler.max_jobs, backend))
                     runs.append({"policy": policy, "endpoints": stack.config.to_dict()["endpoints"], **run})
     else:
         for rate in rates:
             target = args.base_url if http else args.address
-            run = await one_run(target, f"@ {rate}", spec.at_rate(rate), args, slo, config.scheduler.max_jobs)
+            run = await one_run(target, f"@ {rate}", spec.at_rate(rate), args, slo, config.scheduler.max_jobs, backend)
             runs.append({"policy": config.scheduler.policy if args.config else "running", **run})
     return {"command": ["fastserve", "loadtest", *args.argv], "config": config.to_dict(),
             "workload": dataclasses.asdict(spec), "slo": args.slo, "saturation": args.saturation,

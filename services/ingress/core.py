@@ -42,6 +42,7 @@ class _Request:
     request_id: str
     stream: bool
     prompt_tokens: int
+    kv_blocks: int  # its KV at its worst (prompt + max_tokens), held against the admission budget
     detok: IncrementalDetokenizer | None
     stops: StopMatcher | None  # None: the request has no stop strings
     token_ids: list[int] = field(default_factory=list)  # generated, not yet sent to the client
@@ -74,6 +75,7 @@ class IngressCore:
         self.jobs: dict[int, _Request] = {}  # job_id -> request, until the scheduler's final event
         self.live: dict[tuple[bytes, str], int] = {}  # (client, request_id) -> job_id, until the client's last event
         self.pending_stats: dict[int, tuple[bytes, str]] = {}  # request_no -> (client, request_id)
+        self.kv_reserved = 0  # KV blocks the jobs in the system may need, summed
         self._next_job = max(first_job_id, 1)  # the epoch: a restarted ingress never reuses a job id
         self._next_stats = 1
         self.counters = {"requests_accepted": 0, "requests_rejected": 0, "requests_finished": 0}
@@ -108,14 +110,16 @@ class IngressCore:
             check(req, len(ids), max_tokens, self.limits)
             if req.stop and self.tokenizer is None:
                 raise Rejected(ErrorCode.INVALID_REQUEST, "this model has no tokenizer: stop strings cannot be matched")
-            self._admit()
+            kv_blocks = self.limits.kv_blocks(len(ids) + max_tokens)
+            self._admit(kv_blocks)
         except Rejected as e:
             return [self._reject(identity, request_id, e.code, e.message)]
         job_id = self._next_job
         self._next_job += 1
         detok = IncrementalDetokenizer(self.tokenizer.decode) if self.tokenizer is not None else None
         stops = StopMatcher(req.stop) if req.stop else None
-        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), detok, stops)
+        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), kv_blocks, detok, stops)
+        self.kv_reserved += kv_blocks
         self.live[(identity, request_id)] = job_id
         self.counters["requests_accepted"] += 1
         submit = SubmitJob(
@@ -125,13 +129,18 @@ class IngressCore:
         )
         return [ToScheduler(submit)]
 
-    def _admit(self) -> None:
+    def _admit(self, kv_blocks: int) -> None:
         if not self.ready:
             raise Rejected(ErrorCode.UNAVAILABLE, "the stack is not ready (starting, or a process stopped); retry later")
         if len(self.jobs) >= self.limits.max_jobs_in_system:
             raise Rejected(ErrorCode.OVERLOADED,
                            f"{len(self.jobs)} jobs are in the system, the bound is {self.limits.max_jobs_in_system}; "
                            "retry later")
+        if self.jobs and self.kv_reserved + kv_blocks > self.limits.kv_budget:
+            # (an empty system admits any job that fits the device pool: check() has seen to that)
+            raise Rejected(ErrorCode.OVERLOADED,
+                           f"the jobs in the system may need {self.kv_reserved} KV blocks and this one {kv_blocks}; "
+                           f"the stack holds {self.limits.kv_budget}; retry later")
 
     def _server_id(self, identity: bytes) -> str:
         """An id for a request that came without one, never one a request of this client holds."""
@@ -226,6 +235,7 @@ class IngressCore:
             return []  # a job this ingress does not know (failed already): nothing to tell anyone
         if ev.finish_reason:
             del self.jobs[ev.job_id]
+            self.kv_reserved -= req.kv_blocks
         if req.cancelled:
             return []
         ended = ev.finish_reason in ("stop", "length")
@@ -282,6 +292,8 @@ class IngressCore:
         values.update({f"ingress_{k}": v for k, v in self.counters.items()})
         values["ingress_jobs_in_system"] = len(self.jobs)
         values["ingress_max_jobs_in_system"] = self.limits.max_jobs_in_system
+        values["ingress_kv_reserved_blocks"] = self.kv_reserved
+        values["ingress_kv_budget_blocks"] = min(self.limits.kv_budget, 1 << 53)
         return [ToClient(who[0], StatsReply(who[1], values))]
 
     def fail_all(self, why: str, code: ErrorCode = ErrorCode.INTERNAL) -> list[Any]:
@@ -291,6 +303,7 @@ class IngressCore:
                for r in self.jobs.values() if not r.cancelled]
         out += [ToClient(i, ErrorEvent(rid, ErrorCode.UNAVAILABLE, why)) for i, rid in self.pending_stats.values()]
         self.jobs.clear()
+        self.kv_reserved = 0
         self.live.clear()
         self.pending_stats.clear()
         return out

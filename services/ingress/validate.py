@@ -25,6 +25,20 @@ class Limits:
     num_gpu_blocks: int  # blocks in the device KV pool (per stage)
     max_jobs_in_system: int  # accepted, unfinished jobs at most
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # a request without max_tokens gets min(this, the context left)
+    num_host_blocks: int = 0  # blocks of the host pool that swapped-out KV may use (0: no swapping)
+    kv_overcommit: float = 1.0  # admitted jobs may need this many times the device + host blocks; 0 = no bound
+
+    @property
+    def kv_budget(self) -> int:
+        """KV blocks the admitted jobs may need at most, each counted at its worst (prompt + max_tokens):
+        with the default 1.0, everything admitted fits device and host pools together, so no job's KV is
+        ever dropped for lack of room, and load past that is answered `overloaded` instead of thrashing."""
+        if self.kv_overcommit <= 0:
+            return 1 << 62
+        return int((self.num_gpu_blocks + self.num_host_blocks) * self.kv_overcommit)
+
+    def kv_blocks(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
 
     @property
     def max_message_bytes(self) -> int:
@@ -43,6 +57,8 @@ class Limits:
             num_gpu_blocks=config.cache.num_gpu_blocks,
             max_jobs_in_system=config.scheduler.max_jobs_in_system,
             default_max_tokens=config.ingress.default_max_tokens,
+            num_host_blocks=config.cache.num_host_blocks if config.cache.swap in ("proactive", "reactive") else 0,
+            kv_overcommit=config.ingress.kv_overcommit,
         )
 
 
@@ -96,7 +112,7 @@ def check(req: Generate, num_prompt: int, max_tokens: int, limits: Limits) -> No
             f"{num_prompt} prompt tokens + max_tokens {max_tokens} = {total} exceeds the context of "
             f"{limits.max_context} tokens",
         )
-    blocks = math.ceil(total / limits.block_size)
+    blocks = limits.kv_blocks(total)
     if blocks > limits.num_gpu_blocks:
         raise Rejected(
             ErrorCode.CANNOT_FIT,

@@ -31,7 +31,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-LIMITS = Limits(vocab_size=259, max_context=64, block_size=4, num_gpu_blocks=12, max_jobs_in_system=4)
+LIMITS = Limits(vocab_size=259, max_context=64, block_size=4, num_gpu_blocks=12, max_jobs_in_system=4, num_host_blocks=48)
 
 
 async def bounded(awaitable, timeout: float = WAIT_S):

@@ -12,7 +12,7 @@ import zmq.asyncio
 
 from common import codec, sockets
 from common.client import AsyncClient
-from common.messages import JobEvent, Ready, Stats, StatsRequest, SubmitJob
+from common.messages import Alive, JobEvent, Ready, Stats, StatsRequest, SubmitJob
 from test_ingress_harness import bounded
 
 
@@ -20,6 +20,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def from_ingress(sock):
+    """The next message ingress sent the scheduler, past its heartbeats."""
+    while isinstance(msg := await bounded(sockets.recv(sock)), Alive):
+        assert msg.role == "ingress" and msg.epoch > 0
+    return msg
 
 
 async def test_ingress_process_handshakes_serves_and_stops(tmp_path):
@@ -39,12 +46,12 @@ async def test_ingress_process_handshakes_serves_and_stops(tmp_path):
         async with AsyncClient(client, timeout=5) as c:
             # the Ready above and client requests travel on different sockets: wait until the stack answers
             ready = asyncio.create_task(c.wait_ready(timeout=10))
-            query = await bounded(sockets.recv(sched_in))
+            query = await from_ingress(sched_in)
             assert isinstance(query, StatsRequest)
             await sockets.send(to_ingress, Stats(query.request_no, {"kv_free_blocks": 1, "kv_total_blocks": 1}))
             assert (await bounded(ready))["kv_total_blocks"] == 1
             request = asyncio.create_task(c.generate("é!", max_tokens=3))
-            job = await bounded(sockets.recv(sched_in))
+            job = await from_ingress(sched_in)
             assert isinstance(job, SubmitJob) and job.prompt_ids == list("é!".encode())
             await sockets.send(to_ingress, JobEvent(job.job_id, [0xC3, 0xA9, 0x21], "length", "", ""))
             result = await bounded(request)

@@ -20,9 +20,10 @@ def batch(batch_id: int, job_id: int, tokens: list[int]) -> ScheduleBatch:
     return ScheduleBatch(batch_id, [job_id], [len(tokens)], [0], sampling, np.asarray(tokens, np.int64), [], [], [])
 
 
-async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
+def manager_with_fake_peers(name: str):
+    """A KV manager (16 device, 32 host blocks of 4 tokens) whose stage 0 and scheduler are test sockets."""
     ctx = zmq.asyncio.Context()
-    names = {k: f"inproc://kv-{k}" for k in ("inbox", "stage0", "scheduler")}
+    names = {k: f"inproc://{name}-{k}" for k in ("inbox", "stage0", "scheduler")}
     stage0 = ctx.socket(zmq.PULL)
     stage0.bind(names["stage0"])
     scheduler = ctx.socket(zmq.PULL)
@@ -33,7 +34,11 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
         send_to_stage0=sockets.connect_push(ctx, names["stage0"]),
         send_to_scheduler=sockets.connect_push(ctx, names["scheduler"]),
     )
-    to_manager = sockets.connect_push(ctx, names["inbox"])
+    return ctx, manager, sockets.connect_push(ctx, names["inbox"]), stage0, scheduler
+
+
+async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
+    ctx, manager, to_manager, stage0, scheduler = manager_with_fake_peers("kv")
     loop = asyncio.ensure_future(manager.run())
     try:
         assert isinstance(await asyncio.wait_for(sockets.recv(scheduler), 10), Ready)
@@ -58,19 +63,7 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
 
 
 async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
-    ctx = zmq.asyncio.Context()
-    names = {k: f"inproc://kv2-{k}" for k in ("inbox", "stage0", "scheduler")}
-    stage0 = ctx.socket(zmq.PULL)
-    stage0.bind(names["stage0"])
-    scheduler = ctx.socket(zmq.PULL)
-    scheduler.bind(names["scheduler"])
-    manager = KVCacheManager(
-        Planner(KVBooks(16, 32, 4, num_stages=1), "proactive", 2, 4),
-        recv_inbox=sockets.bind_inbox(ctx, names["inbox"]),
-        send_to_stage0=sockets.connect_push(ctx, names["stage0"]),
-        send_to_scheduler=sockets.connect_push(ctx, names["scheduler"]),
-    )
-    to_manager = sockets.connect_push(ctx, names["inbox"])
+    ctx, manager, to_manager, stage0, scheduler = manager_with_fake_peers("kv2")
     loop = asyncio.ensure_future(manager.run())
     recv = lambda sock: asyncio.wait_for(sockets.recv(sock), 10)  # noqa: E731
     try:

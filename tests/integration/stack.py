@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from bench.liveness import Alone
 from bench.loadtest.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,53 +89,11 @@ class Stack:
         return self.proc.wait()
 
 
-class Processes:
-    """Every process of a stack started alone (as docker-compose or a multi-host setup runs them)."""
+class Processes(Alone):
+    """Every process of a stack started alone (as docker-compose or a multi-host setup runs them), with a
+    control inbox at `control` for the test to hear their ready handshakes."""
 
     def __init__(self, tmp_dir: Path, overrides: list[str] = (), num_stages: int = 2) -> None:
-        import uuid
-
-        from common import config as config_mod
-
         self.control = f"ipc://{tmp_dir}/control"
-        pool = f"fastserve_test_{uuid.uuid4().hex[:8]}"
-        config = config_mod.load(None, [TINY_MODEL, *local_overrides(num_stages), f"endpoints.control={self.control}",
-                                        f"endpoints.host_pool={pool}", *overrides])
-        self.config = config
-        self.config_path = tmp_dir / "config.toml"
-        self.config_path.write_text(config_mod.dumps(config))
-        self.endpoint = config.endpoints.client
-        self.procs: dict[tuple[str, int], subprocess.Popen] = {}
-
-    def start(self, role: str, stage: int = -1) -> None:
-        args = [sys.executable, "-m", "services.cli", role, "--config", str(self.config_path), "--log-level", "warning"]
-        if stage >= 0:
-            args += ["--stage", str(stage)]
-        self.procs[(role, stage)] = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def start_all(self) -> None:
-        for k in range(self.config.parallel.num_stages):
-            self.start("worker", k)
-        for role in ("kvcache", "scheduler", "ingress"):
-            self.start(role)
-
-    def kill(self, role: str, stage: int = -1) -> None:
-        proc = self.procs.pop((role, stage))
-        proc.kill()
-        proc.wait(30)
-
-    def stop(self) -> dict[tuple[str, int], int]:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        codes = {}
-        for key, proc in self.procs.items():
-            try:
-                codes[key] = proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes[key] = proc.wait()
-        from common.hostpool import HostPool
-
-        HostPool.remove(self.config.endpoints.host_pool)  # run alone, the pool outlives every process
-        return codes
+        super().__init__([TINY_MODEL, f"endpoints.control={self.control}", *overrides], num_stages, tmp_dir,
+                         log_level="warning")

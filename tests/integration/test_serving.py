@@ -102,7 +102,7 @@ async def test_killing_a_worker_fails_every_request_and_stops_the_stack():
     stack = Stack(["scheduler.policy=fcfs", "cache.swap=defer", "scheduler.max_jobs=4"])
     try:
         async with AsyncClient(stack.endpoint, timeout=120) as client:
-            tasks = [asyncio.create_task(client.generate(prompt_ids=[k + 1, 2], max_tokens=1500, ignore_eos=True))
+            tasks = [asyncio.create_task(client.generate(prompt_ids=[k + 1, 2], max_tokens=600, ignore_eos=True))
                      for k in range(12)]
             # wait until tokens flow, then kill the last stage
             async for _ in client.stream(prompt_ids=[9], max_tokens=3):

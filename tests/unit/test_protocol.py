@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -182,3 +183,34 @@ def test_stats_merge_and_error_codes_from_the_scheduler():
     job = only(c.on_client(b"c", gen(request_id="e", prompt="a")))
     ev = only(c.on_event(JobEvent(job.job_id, [], "error", "weird_code", "")))
     assert (ev.code, ev.message) == ("internal", "the job failed")
+
+
+def test_admission_bounds_the_kv_the_admitted_jobs_may_need():
+    # 6 device + 10 host blocks of 4 tokens; each job below may need ceil((2 + 10) / 4) = 3 blocks
+    limits = Limits(vocab_size=259, max_context=32, block_size=4, num_gpu_blocks=6, max_jobs_in_system=100,
+                    num_host_blocks=10)
+    c = IngressCore(limits, Bytes())
+    c.on_event(Ready("stack", -1))
+    jobs = [only(c.on_client(b"c", gen(request_id=str(i), prompt="ab", max_tokens=10))) for i in range(5)]
+    assert all(isinstance(j, SubmitJob) for j in jobs) and c.kv_reserved == 15
+    refused = only(c.on_client(b"c", gen(request_id="6", prompt="ab", max_tokens=10)))
+    assert refused.code == "overloaded" and "KV blocks" in refused.message
+    small = only(c.on_client(b"c", gen(request_id="7", prompt="a", max_tokens=3)))  # 1 block still fits
+    assert isinstance(small, SubmitJob) and c.kv_reserved == 16
+    c.on_event(JobEvent(jobs[0].job_id, [1] * 10, "length", "", ""))  # its blocks count until the scheduler's end
+    assert c.kv_reserved == 13
+    assert isinstance(only(c.on_client(b"c", gen(request_id="6", prompt="ab", max_tokens=10))), SubmitJob)
+    c.fail_all("gone")
+    assert c.kv_reserved == 0
+
+
+def test_without_a_host_pool_or_with_the_bound_off():
+    limits = Limits(vocab_size=259, max_context=32, block_size=4, num_gpu_blocks=6, max_jobs_in_system=100)
+    c = IngressCore(limits, Bytes())
+    c.on_event(Ready("stack", -1))
+    assert isinstance(only(c.on_client(b"c", gen(request_id="a", prompt="ab", max_tokens=22))), SubmitJob)  # 6 blocks
+    assert only(c.on_client(b"c", gen(request_id="b", prompt="a", max_tokens=1))).code == "overloaded"
+    off = IngressCore(dataclasses.replace(limits, kv_overcommit=0.0), Bytes())
+    off.on_event(Ready("stack", -1))
+    for i in range(20):
+        assert isinstance(only(off.on_client(b"c", gen(request_id=str(i), prompt="ab", max_tokens=22))), SubmitJob)
