@@ -132,3 +132,45 @@ async def test_a_stalled_ingress_heartbeat_drops_its_jobs_at_the_scheduler(tmp_p
     finally:
         codes = procs.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+async def test_forged_internal_messages_are_dropped_and_the_stack_keeps_serving(tmp_path):
+    """Anyone who reaches the internal ports (no CURVE): an Exit without the launcher's token, heartbeats of
+    unknown or earlier processes, pools for another scheduler, a copy nobody asked for and a job under an id
+    ingress never gave (ids start at its epoch) change nothing for the live request, which gets its full
+    output."""
+    import zmq.asyncio
+
+    from common import sockets
+    from common.messages import Alive, Exit, KVCapacity, SubmitJob, SwapDone
+
+    procs = Processes(tmp_path, OVERRIDES)
+    ctx = zmq.asyncio.Context()
+    try:
+        procs.start_all()
+        ep = procs.config.endpoints
+        inboxes = [sockets.connect_push(ctx, a) for a in (ep.scheduler, ep.ingress, ep.kvcache)]
+        async with AsyncClient(procs.endpoint, timeout=120) as client:
+            await bounded(client.wait_ready(timeout=120), 130)
+            live = asyncio.create_task(client.generate(prompt_ids=[3, 1, 4], max_tokens=300, ignore_eos=True))
+            while (await bounded(client.stats()))["jobs_live"] == 0:
+                await asyncio.sleep(0.02)
+            forged = [Exit("worker", 1, -9), Exit("scheduler", -1, -9, "guess"), Alive("intruder", 7, 1),
+                      Alive("scheduler", -1, 1, False), Alive("kvcache", -1, 1), Alive("worker", 0, 1),
+                      KVCapacity(1, 0, 16, 0, 1, 12345), SwapDone(0, [1, 2, 3], 0.1, 0.0),
+                      SubmitJob(1, [1], 1, 0.0, 0, 1.0, None, [], False)]
+            for sock in inboxes:
+                for msg in forged:
+                    await sockets.send(sock, msg)
+            result = await bounded(live, 120)
+            assert len(result.token_ids) == 300
+            again = await bounded(client.generate(prompt_ids=[2, 7], max_tokens=4))
+            assert len(again.token_ids) == 4
+            stats = await bounded(client.stats())
+            assert stats["stack_up"] == 1 and stats["jobs_failed"] == 0, stats
+    finally:
+        for sock in inboxes:
+            sock.close(linger=0)
+        ctx.term()
+        codes = procs.stop()
+    assert all(code == 0 for code in codes.values()), codes
