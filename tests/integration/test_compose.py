@@ -167,5 +167,9 @@ def test_compose_services_as_local_processes_serve_requests(tmp_path):
                 p.kill()
                 p.wait()
             logs[name].close()
+        # In containers the pool goes with kvcache's IPC namespace at `docker-compose down`; here it is ours
+        from common.hostpool import HostPool
+
+        HostPool.remove(config_mod.load(config).endpoints.host_pool)
     codes = {n: p.returncode for n, p in procs.items()}
     assert set(codes.values()) == {0}, (codes, {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in procs})
