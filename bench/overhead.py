@@ -100,7 +100,8 @@ def stack_run(batch: int, tokens: int, stages: int, extra: list[str]) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from stack import Stack
 
-    stack = Stack(["scheduler.policy=fcfs", "cache.swap=defer", f"scheduler.max_jobs={batch}", *extra], num_stages=stages)
+    stack = Stack(["scheduler.policy=fcfs", "cache.swap=defer", f"scheduler.max_jobs={batch}", "ingress.kv_overcommit=0",
+                   *extra], num_stages=stages)  # every job is admitted, whatever --tokens asks
     try:
         pids = {role: stack.pids_of(role)[0] for role in CONTROL_PLANE}
         return asyncio.run(through_stack(stack.endpoint, batch, tokens, pids))
