@@ -212,6 +212,16 @@ async def recv(sock: Any, expected: type | tuple[type, ...] | None = None) -> An
     return decode_or_error(await _recv_frames(sock), expected)
 
 
+async def recv_valid(sock: Any, expected: type | tuple[type, ...], log: Any, event: str = "bad_message") -> Any:
+    """The next well-formed message of an inbox; malformed ones are logged (`event`) and skipped, so no input
+    ever ends the loop that reads it."""
+    while True:
+        msg = await recv(sock, expected)
+        if not isinstance(msg, DecodeError):
+            return msg
+        log.warning(event, code=msg.code, error=msg.message)
+
+
 async def recv_routed(sock: Any, expected: type | tuple[type, ...] | None = None) -> tuple[bytes, Any, list]:
     """From a ROUTER: (sender identity, message or DecodeError, raw message frames)."""
     frames = await _recv_frames(sock)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from common import sockets
-from common.codec import DecodeError
 from common.log import get_logger
 from common.hostpool import HostPoolError
 from common.liveness import Beacon, new_epoch
@@ -178,10 +177,7 @@ class StageWorker:
         waiting: collections.deque[StageBatch] = collections.deque()  # stage 0: batches awaiting carried tokens
         try:
             while True:
-                msg = await sockets.recv(self.recv_inbox, (StageBatch, SampledTokens))
-                if isinstance(msg, DecodeError):
-                    self.log.warning("bad_message", code=msg.code, error=msg.message)
-                    continue
+                msg = await sockets.recv_valid(self.recv_inbox, (StageBatch, SampledTokens), self.log)
                 if isinstance(msg, SampledTokens):
                     if self.carries is None:
                         self.log.warning("sampled_tokens_dropped", batch_id=msg.batch_id, reason="not stage 0")

@@ -200,10 +200,14 @@ class IngressCore:
                 self.ready = True
             return []
         if isinstance(msg, Exit):
-            if not self.control_token or msg.token != self.control_token:
-                return []  # not from this stack's launcher (the shell logs it)
+            if not self.from_launcher(msg):
+                return []  # forged, or sent to a process run alone (the shell logs it)
             return self.fail_all(f"{msg.role} (stage {msg.stage}) exited with code {msg.code}")
         return []
+
+    def from_launcher(self, msg: Exit) -> bool:
+        """Whether an Exit carries this stack's launcher's token (run alone there is none to carry)."""
+        return bool(self.control_token) and msg.token == self.control_token
 
     def on_alive(self, msg: Alive, now: float) -> list[Any]:
         """The scheduler's heartbeat: whether the stack is up. A new scheduler epoch means the old one's

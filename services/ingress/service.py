@@ -103,10 +103,7 @@ class Ingress:
 
     async def _scheduler_loop(self) -> None:
         while True:
-            msg = await sockets.recv(self.recv_from_scheduler, EVENT_TYPES)
-            if isinstance(msg, Exception):
-                self.log.warning("bad_scheduler_message", code=msg.code, error=msg.message)
-                continue
+            msg = await sockets.recv_valid(self.recv_from_scheduler, EVENT_TYPES, self.log, "bad_scheduler_message")
             if isinstance(msg, Alive):
                 was_ready = self.core.ready
                 await self._send(self.core.on_alive(msg, time.monotonic()))
@@ -116,7 +113,7 @@ class Ingress:
             if isinstance(msg, Ready):
                 self.log.info("peer_ready", peer=msg.role, stage=msg.stage)
             elif isinstance(msg, Exit):
-                if not self.core.control_token or msg.token != self.core.control_token:
+                if not self.core.from_launcher(msg):
                     self.log.warning("exit_dropped", peer=msg.role, stage=msg.stage, reason="not from this stack's launcher")
                     continue
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from common import sockets
-from common.codec import DecodeError
 from common.liveness import Beacon, new_epoch
 from common.log import get_logger
 from common.messages import (
@@ -127,10 +126,7 @@ class KVCacheManager:
         self.beacon.start()
         try:
             while True:
-                msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
-                if isinstance(msg, DecodeError):
-                    self.log.warning("bad_message", code=msg.code, error=msg.message)
-                    continue
+                msg = await sockets.recv_valid(self.recv_inbox, INBOX_TYPES, self.log)
                 await self.handlers[type(msg)](msg)
         finally:
             self.beacon.stop()

@@ -7,7 +7,6 @@ import time
 from typing import Any, Callable
 
 from common import sockets
-from common.codec import DecodeError
 from common.liveness import Beacon, Peers, name, new_epoch
 from common.log import get_logger
 from common.messages import (
@@ -125,10 +124,7 @@ class Scheduler:
         watch = asyncio.create_task(self._watch()) if self.heartbeat_s > 0 else None
         try:
             while True:
-                msg = await sockets.recv(self.recv_inbox, INBOX_TYPES)
-                if isinstance(msg, DecodeError):
-                    self.log.warning("bad_message", code=msg.code, error=msg.message)
-                    continue
+                msg = await sockets.recv_valid(self.recv_inbox, INBOX_TYPES, self.log)
                 await self.handlers[type(msg)](msg)
                 await self.pump()
                 if watch is not None and watch.done():

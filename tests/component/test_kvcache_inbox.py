@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import zmq
@@ -20,8 +21,10 @@ def batch(batch_id: int, job_id: int, tokens: list[int]) -> ScheduleBatch:
     return ScheduleBatch(batch_id, [job_id], [len(tokens)], [0], sampling, np.asarray(tokens, np.int64), [], [], [])
 
 
-def manager_with_fake_peers(name: str):
-    """A KV manager (16 device, 32 host blocks of 4 tokens) whose stage 0 and scheduler are test sockets."""
+@contextlib.asynccontextmanager
+async def manager_with_fake_peers(name: str):
+    """A running KV manager (16 device, 32 host blocks of 4 tokens) whose stage 0 and scheduler are test
+    sockets; yields (manager, its inbox, stage 0, the scheduler, the manager's loop)."""
     ctx = zmq.asyncio.Context()
     names = {k: f"inproc://{name}-{k}" for k in ("inbox", "stage0", "scheduler")}
     stage0 = ctx.socket(zmq.PULL)
@@ -34,26 +37,10 @@ def manager_with_fake_peers(name: str):
         send_to_stage0=sockets.connect_push(ctx, names["stage0"]),
         send_to_scheduler=sockets.connect_push(ctx, names["scheduler"]),
     )
-    return ctx, manager, sockets.connect_push(ctx, names["inbox"]), stage0, scheduler
-
-
-async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
-    ctx, manager, to_manager, stage0, scheduler = manager_with_fake_peers("kv")
+    to_manager = sockets.connect_push(ctx, names["inbox"])
     loop = asyncio.ensure_future(manager.run())
     try:
-        assert isinstance(await asyncio.wait_for(sockets.recv(scheduler), 10), Ready)
-        await sockets.send(to_manager, Alive("scheduler", -1, 7, False))  # the pools go to a scheduler's epoch
-        capacity = await asyncio.wait_for(sockets.recv(scheduler), 10)
-        assert isinstance(capacity, KVCapacity) and capacity.device_blocks == 16 and capacity.scheduler_epoch == 7
-        # a late ack from before a restart, a forged op id, a stage that does not exist
-        for op_ids, stage in (([0], 0), ([12345, 7], 0), ([0], 9)):
-            await sockets.send(to_manager, SwapDone(stage, op_ids, 0.001, 0.0))
-        await sockets.send(to_manager, batch(1, 42, [1, 2, 3]))
-        planned = await asyncio.wait_for(sockets.recv(scheduler), 10)
-        assert isinstance(planned, BatchPlanned) and planned.held_job_ids == []
-        forwarded = await asyncio.wait_for(sockets.recv(stage0), 10)
-        assert isinstance(forwarded, StageBatch) and forwarded.job_ids == [42]
-        assert not loop.done()
+        yield manager, to_manager, stage0, scheduler, loop
     finally:
         loop.cancel()
         manager.close()
@@ -62,11 +49,29 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
         ctx.term()
 
 
+def recv(sock):
+    return asyncio.wait_for(sockets.recv(sock), 10)
+
+
+async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
+    async with manager_with_fake_peers("kv") as (manager, to_manager, stage0, scheduler, loop):
+        assert isinstance(await recv(scheduler), Ready)
+        await sockets.send(to_manager, Alive("scheduler", -1, 7, False))  # the pools go to a scheduler's epoch
+        capacity = await recv(scheduler)
+        assert isinstance(capacity, KVCapacity) and capacity.device_blocks == 16 and capacity.scheduler_epoch == 7
+        # a late ack from before a restart, a forged op id, a stage that does not exist
+        for op_ids, stage in (([0], 0), ([12345, 7], 0), ([0], 9)):
+            await sockets.send(to_manager, SwapDone(stage, op_ids, 0.001, 0.0))
+        await sockets.send(to_manager, batch(1, 42, [1, 2, 3]))
+        planned = await recv(scheduler)
+        assert isinstance(planned, BatchPlanned) and planned.held_job_ids == []
+        forwarded = await recv(stage0)
+        assert isinstance(forwarded, StageBatch) and forwarded.job_ids == [42]
+        assert not loop.done()
+
+
 async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
-    ctx, manager, to_manager, stage0, scheduler = manager_with_fake_peers("kv2")
-    loop = asyncio.ensure_future(manager.run())
-    recv = lambda sock: asyncio.wait_for(sockets.recv(sock), 10)  # noqa: E731
-    try:
+    async with manager_with_fake_peers("kv2") as (manager, to_manager, stage0, scheduler, loop):
         assert isinstance(await recv(scheduler), Ready)
         await sockets.send(to_manager, Alive("scheduler", -1, 1000, False))
         assert (await recv(scheduler)).scheduler_epoch == 1000
@@ -81,9 +86,4 @@ async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
         barrier = await recv(stage0)
         assert isinstance(barrier, StageBatch) and barrier.flush and barrier.job_ids == []
         assert manager.planner.is_whole() and manager.planner.books.device.num_free == 16
-    finally:
-        loop.cancel()
-        manager.close()
-        for sock in (stage0, scheduler, to_manager):
-            sock.close(linger=0)
-        ctx.term()
+        assert not loop.done()

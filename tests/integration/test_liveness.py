@@ -12,6 +12,7 @@ import time
 import pytest
 
 from common.client import AsyncClient, FastServeError
+from bench.liveness import ended
 from stack import ROOT, Processes
 from test_serving import bounded, make_requests, reference
 
@@ -23,22 +24,12 @@ OVERRIDES = [f"liveness.timeout_s={TIMEOUT_S}", "liveness.heartbeat_s=0.25", "ca
              "scheduler.profile=", "ingress.client_lease_s=0"]
 
 
-async def outcome(task: asyncio.Task, since: list[float]) -> tuple[str, float]:
-    """(error code or "ok", seconds from the kill to the request's end)."""
-    try:
-        await task
-        code = "ok"
-    except FastServeError as e:
-        code = e.code
-    return code, time.monotonic() - since[0]
-
-
 async def kill_while_serving(procs: Processes, client: AsyncClient, role: str, stage: int = -1) -> list[tuple[str, float]]:
     """Start long requests, kill the process once tokens flow, and return how each request ended."""
     killed_at = [0.0]
     tasks = [asyncio.create_task(client.generate(prompt_ids=[5 + i, 7, 9], max_tokens=600, ignore_eos=True))
              for i in range(6)]
-    ends = [asyncio.create_task(outcome(t, killed_at)) for t in tasks]
+    ends = [asyncio.create_task(ended(t, killed_at)) for t in tasks]
     for _ in range(400):
         if (await bounded(client.stats()))["tokens_generated"] > 50:
             break
