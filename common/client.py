@@ -24,6 +24,7 @@ from common.protocol import (
     Heartbeat,
     StatsQuery,
     TokenEvent,
+    TokenEvents,
     TokenLogprobs,
 )
 
@@ -195,7 +196,7 @@ class AsyncClient:
     async def _events(self, prompt: str | None, params: dict[str, Any]) -> AsyncIterator[Any]:
         timeout = params.pop("timeout", None)
         request_id = params.pop("request_id", None) or self._new_id()
-        request = Generate(version=PROTOCOL_VERSION, request_id=request_id, prompt=prompt, **params)
+        request = Generate(version=PROTOCOL_VERSION, request_id=request_id, prompt=prompt, batch_events=True, **params)
         deadline = self._deadline(timeout)
         queue = await self._open(request_id)
         finished = False
@@ -252,9 +253,10 @@ class AsyncClient:
                 event = await sockets.recv(self._sock, SERVER_EVENTS)
                 if isinstance(event, codec.DecodeError):
                     continue  # nothing to route it to; a request waiting for it times out
-                queue = self._queues.get(event.request_id)
-                if queue is not None:
-                    queue.put_nowait(event)
+                for one in event.events if isinstance(event, TokenEvents) else (event,):
+                    queue = self._queues.get(one.request_id)
+                    if queue is not None:
+                        queue.put_nowait(one)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the socket broke: every waiting request learns why instead of hanging

@@ -24,6 +24,7 @@ class MsgType(IntEnum):
     FINISH_EVENT = 9
     ERROR_EVENT = 10
     STATS_REPLY = 11
+    TOKEN_EVENTS = 12
     # 16..31: ingress <-> scheduler, and process lifecycle
     SUBMIT_JOB = 16
     CANCEL_JOB = 17
@@ -108,9 +109,47 @@ class JobEvent:
 @message(MsgType.JOB_EVENTS)
 @dataclass(frozen=True)
 class JobEvents:
-    """Scheduler -> ingress: the JobEvents of one iteration in one message (one entry per job)."""
+    """Scheduler -> ingress: the events of one iteration in one message.
 
-    events: list[JobEvent]
+    Plain token rows (new tokens, no end, no logprobs), most of every iteration, travel as columns: no
+    struct per job to build or check. Other events (a job's end, tokens with logprobs) follow in
+    `events`, and are applied after the columns; a job with one there has no later plain row.
+    """
+
+    job_ids: list[int]  # jobs with plain new tokens
+    num_tokens: list[int]  # per job, how many of token_ids are its
+    token_ids: list[int]  # the new tokens, concatenated in job order
+    events: list[JobEvent]  # the rest, in order
+
+    def __post_init__(self) -> None:
+        if len(self.num_tokens) != len(self.job_ids) or sum(self.num_tokens) != len(self.token_ids) \
+                or any(n < 0 for n in self.num_tokens):
+            raise ValueError("num_tokens must give one count >= 0 per job, summing to len(token_ids)")
+
+    @classmethod
+    def pack(cls, events: list[JobEvent]) -> "JobEvents":
+        job_ids: list[int] = []
+        counts: list[int] = []
+        tokens: list[int] = []
+        rest: list[JobEvent] = []
+        special: set[int] = set()  # jobs with an event in `rest`: their later events follow it there
+        for ev in events:
+            if ev.finish_reason or ev.logprobs or ev.job_id in special:
+                rest.append(ev)
+                special.add(ev.job_id)
+            else:
+                job_ids.append(ev.job_id)
+                counts.append(len(ev.token_ids))
+                tokens += ev.token_ids
+        return cls(job_ids, counts, tokens, rest)
+
+    def unpack(self) -> list[JobEvent]:
+        """Every event as a JobEvent, in the order they apply."""
+        out, offset = [], 0
+        for job_id, n in zip(self.job_ids, self.num_tokens):
+            out.append(JobEvent(job_id, self.token_ids[offset : offset + n], "", "", ""))
+            offset += n
+        return out + self.events
 
 
 @message(MsgType.STATS_REQUEST)

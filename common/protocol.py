@@ -57,6 +57,7 @@ class Generate:
     stop: Annotated[list[Annotated[str, MaxLen(MAX_STOP_CHARS)]], MaxLen(MAX_STOPS)] = field(default_factory=list)
     # stop strings, matched on the output text: the first one ends the request with "stop" and is never sent
     logprobs: Logprobs = None  # per output token: its logprob and the k most likely alternatives (k <= 5)
+    batch_events: bool = False  # true: this request's TokenEvents may arrive inside TokenEvents (type 12)
 
 
 @message(MsgType.CANCEL)
@@ -90,6 +91,15 @@ class TokenEvent:
     token_ids: list[int]  # tokens generated since the last event, in order
     text: str  # text delta: complete characters only; bytes of a split character wait for later tokens
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token_ids entry when asked, else []
+
+
+@message(MsgType.TOKEN_EVENTS)
+@dataclass(frozen=True)
+class TokenEvents:
+    """Ingress -> client: TokenEvents of one iteration for the connection's requests that asked for
+    batch_events, in one message, in the order they would have been sent one by one."""
+
+    events: list[TokenEvent]
 
 
 @message(MsgType.FINISH_EVENT)
@@ -126,4 +136,4 @@ class StatsReply:
 
 
 CLIENT_MESSAGES = (Generate, Cancel, StatsQuery, Heartbeat)
-SERVER_EVENTS = (TokenEvent, FinishEvent, ErrorEvent, StatsReply)
+SERVER_EVENTS = (TokenEvent, TokenEvents, FinishEvent, ErrorEvent, StatsReply)

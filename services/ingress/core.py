@@ -7,7 +7,7 @@ from typing import Any
 
 from common.codec import DecodeError, peek
 from common.liveness import Peers
-from common.messages import Alive, CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob, TokenLogprobs
+from common.messages import Alive, CancelJob, Exit, JobEvent, JobEvents, Ready, Stats, StatsRequest, SubmitJob, TokenLogprobs
 from common.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -29,6 +29,7 @@ from services.ingress.validate import Limits, Rejected, Tokenizer, check, output
 class ToClient:
     identity: bytes  # ROUTER routing id of the client
     msg: Any  # a client event
+    batch: bool = False  # a TokenEvent that may travel in the client's TokenEvents (Generate.batch_events)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class _Request:
     identity: bytes
     request_id: str
     stream: bool
+    batch: bool  # its TokenEvents may go in TokenEvents (Generate.batch_events)
     prompt_tokens: int
     kv_blocks: int  # its KV at its worst (prompt + max_tokens), held against the admission budget
     detok: IncrementalDetokenizer | None
@@ -118,7 +120,7 @@ class IngressCore:
         self._next_job += 1
         detok = IncrementalDetokenizer(self.tokenizer.decode) if self.tokenizer is not None else None
         stops = StopMatcher(req.stop) if req.stop else None
-        self.jobs[job_id] = _Request(identity, request_id, req.stream, len(ids), kv_blocks, detok, stops)
+        self.jobs[job_id] = _Request(identity, request_id, req.stream, req.batch_events, len(ids), kv_blocks, detok, stops)
         self.kv_reserved += kv_blocks
         self.live[(identity, request_id)] = job_id
         self.counters["requests_accepted"] += 1
@@ -191,6 +193,8 @@ class IngressCore:
         """React to one message from the scheduler (or any process announcing Ready/Exit)."""
         if isinstance(msg, JobEvent):
             return self._job_event(msg)
+        if isinstance(msg, JobEvents):
+            return self.on_job_events(msg)
         if isinstance(msg, Stats):
             return self._stats(msg)
         if isinstance(msg, Ready):
@@ -233,21 +237,33 @@ class IngressCore:
         why = f"the scheduler stopped answering (no heartbeat for {self.scheduler.timeout_s:g} s); retry later"
         return self.fail_all(why, ErrorCode.UNAVAILABLE)
 
+    def on_job_events(self, msg: JobEvents) -> list[Any]:
+        """One iteration's events: the plain token rows (columns), then the rest."""
+        out: list[Any] = []
+        jobs, tokens, offset = self.jobs, msg.token_ids, 0
+        for job_id, n in zip(msg.job_ids, msg.num_tokens):
+            req = jobs.get(job_id)
+            if req is not None and not req.cancelled:
+                out += self._running(req, job_id, tokens[offset : offset + n], [])
+            offset += n
+        for ev in msg.events:
+            out += self._job_event(ev)
+        return out
+
     def _job_event(self, ev: JobEvent) -> list[Any]:
         req = self.jobs.get(ev.job_id)
         if req is None:
             return []  # a job this ingress does not know (failed already): nothing to tell anyone
-        if ev.finish_reason:
-            del self.jobs[ev.job_id]
-            self.kv_reserved -= req.kv_blocks
+        if not ev.finish_reason:
+            return [] if req.cancelled else self._running(req, ev.job_id, ev.token_ids, ev.logprobs)
+        del self.jobs[ev.job_id]
+        self.kv_reserved -= req.kv_blocks
         if req.cancelled:
             return []
         ended = ev.finish_reason in ("stop", "length")
         self._take(req, ev.token_ids, ev.logprobs, ended)
-        if req.stops is not None and req.stops.stopped:  # a stop string: the job's further tokens are not wanted
-            return self._finish(req, "stop") + ([] if ev.finish_reason else [ToScheduler(CancelJob(ev.job_id))])
-        if not ev.finish_reason:
-            return self._stream_out(req) if req.stream else []
+        if req.stops is not None and req.stops.stopped:
+            return self._finish(req, "stop")
         if ended:
             return self._finish(req, ev.finish_reason)
         self.live.pop((req.identity, req.request_id), None)
@@ -256,6 +272,13 @@ class IngressCore:
             return [ToClient(req.identity, ErrorEvent(req.request_id, ErrorCode.CANCELLED, "cancelled by the stack"))]
         code = ev.error_code if ev.error_code in _ERROR_CODES else ErrorCode.INTERNAL
         return [ToClient(req.identity, ErrorEvent(req.request_id, code, ev.error_message or "the job failed"))]
+
+    def _running(self, req: _Request, job_id: int, token_ids: list[int], logprobs: list[TokenLogprobs]) -> list[Any]:
+        """New tokens of a job that goes on: streamed, or kept for its FinishEvent."""
+        self._take(req, token_ids, logprobs, False)
+        if req.stops is not None and req.stops.stopped:  # a stop string: the job's further tokens are not wanted
+            return self._finish(req, "stop") + [ToScheduler(CancelJob(job_id))]
+        return self._stream_out(req) if req.stream else []
 
     @staticmethod
     def _take(req: _Request, token_ids: list[int], logprobs: list[TokenLogprobs], ended: bool) -> None:
@@ -286,7 +309,7 @@ class IngressCore:
             return []
         event = TokenEvent(req.request_id, req.token_ids, req.text, req.logprobs)
         req.token_ids, req.text, req.logprobs = [], "", []
-        return [ToClient(req.identity, event)]
+        return [ToClient(req.identity, event, req.batch)]
 
     def _stats(self, msg: Stats) -> list[Any]:
         who = self.pending_stats.pop(msg.request_no, None)

@@ -10,7 +10,7 @@ from common import sockets
 from common.liveness import Beacon, new_epoch
 from common.log import get_logger
 from common.messages import Alive, Exit, JobEvent, JobEvents, Ready, Stats
-from common.protocol import CLIENT_LEASE_S, CLIENT_MESSAGES
+from common.protocol import CLIENT_LEASE_S, CLIENT_MESSAGES, TokenEvent, TokenEvents
 from services.ingress.core import IngressCore, ToClient, ToScheduler
 from services.ingress.leases import Leases
 from services.ingress.outbox import ClientOutbox
@@ -118,7 +118,7 @@ class Ingress:
                     continue
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
             if isinstance(msg, JobEvents):  # one iteration's events travel together
-                await self._send([out for event in msg.events for out in self.core.on_event(event)])
+                await self._send(self.core.on_job_events(msg))
                 continue
             await self._send(self.core.on_event(msg))
             await self._tell_control(msg)
@@ -153,14 +153,25 @@ class Ingress:
             await sockets.send(self.send_to_control, Exit("ingress", -1, 0))
 
     async def _send(self, outs: list[Any]) -> None:
+        batches: dict[bytes, list[TokenEvent]] = {}  # per client, TokenEvents that travel together
         for out in outs:
             if isinstance(out, ToClient):
+                if out.batch:
+                    batches.setdefault(out.identity, []).append(out.msg)
+                    continue
+                if out.identity in batches:  # what came before goes first: a request's events stay in order
+                    self._to_client(out.identity, batches.pop(out.identity))
                 self.outbox.send(out.identity, out.msg)
             elif isinstance(out, ToScheduler):
                 await sockets.send(self.send_to_scheduler, out.msg)
                 request_no = getattr(out.msg, "request_no", None)
                 if request_no is not None:
                     asyncio.get_running_loop().call_later(self.stats_timeout_s, self._expire_stats, request_no)
+        for identity, events in batches.items():
+            self._to_client(identity, events)
+
+    def _to_client(self, identity: bytes, events: list[TokenEvent]) -> None:
+        self.outbox.send(identity, events[0] if len(events) == 1 else TokenEvents(events))
 
     def _expire_stats(self, request_no: int) -> None:
         outs = self.core.stats_timeout(request_no)

@@ -164,7 +164,7 @@ class Scheduler:
         for event in events:
             if event.finish_reason:
                 self.log.debug("job_ended", job_id=event.job_id, reason=event.finish_reason)
-        await sockets.send(self.send_to_ingress, events[0] if len(events) == 1 else JobEvents(events))
+        await sockets.send(self.send_to_ingress, events[0] if len(events) == 1 else JobEvents.pack(events))
 
     async def on_submit(self, msg: SubmitJob) -> None:
         if not self.stack_ready:  # sent before ingress heard the stack was down: it ends at once

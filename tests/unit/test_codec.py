@@ -17,7 +17,7 @@ import common.messages  # noqa: F401  (registers the internal messages)
 import common.protocol  # noqa: F401  (registers the client messages)
 from common import codec
 from common.codec import DecodeError, OneOf, Range
-from common.messages import (BatchSampling, JobEvent, MsgType, SampledTokens, ScheduleBatch, StageBatch, Stats, SubmitJob,
+from common.messages import (BatchSampling, JobEvent, JobEvents, MsgType, SampledTokens, ScheduleBatch, StageBatch, Stats, SubmitJob,
                              SwapOp)
 
 
@@ -53,7 +53,14 @@ def _sampled_tokens(rng: random.Random) -> SampledTokens:
 
 
 # Messages whose fields must agree with each other (per-job columns): built, not sampled field by field.
-WITH_INVARIANTS = {ScheduleBatch: _schedule_batch, StageBatch: _stage_batch, SampledTokens: _sampled_tokens}
+def _job_events(rng: random.Random) -> JobEvents:
+    events = [JobEvent(rng.randint(0, 99), [rng.randint(0, 300) for _ in range(rng.randint(0, 3))],
+                       rng.choice(["", "", "length", "error"]), "", "") for _ in range(rng.randint(0, 6))]
+    return JobEvents.pack(events)
+
+
+WITH_INVARIANTS = {ScheduleBatch: _schedule_batch, StageBatch: _stage_batch, SampledTokens: _sampled_tokens,
+                   JobEvents: _job_events}
 
 
 def sample(hint, rng: random.Random, depth: int = 0):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import msgpack
 import pytest
 
+from common import codec
 from common.codec import DecodeError
-from common.messages import CancelJob, Exit, JobEvent, Ready, Stats, StatsRequest, SubmitJob
-from common.protocol import Cancel, ErrorEvent, FinishEvent, Generate, StatsQuery, StatsReply, TokenEvent
+from common.messages import CancelJob, Exit, JobEvent, JobEvents, Ready, Stats, StatsRequest, SubmitJob
+from common.protocol import Cancel, ErrorEvent, FinishEvent, Generate, StatsQuery, StatsReply, TokenEvent, TokenLogprobs
 from services.ingress.core import IngressCore, ToClient, ToScheduler
 from services.ingress.detok import IncrementalDetokenizer
 from services.ingress.validate import Limits
@@ -214,3 +216,53 @@ def test_without_a_host_pool_or_with_the_bound_off():
     off.on_event(Ready("stack", -1))
     for i in range(20):
         assert isinstance(only(off.on_client(b"c", gen(request_id=str(i), prompt="ab", max_tokens=22))), SubmitJob)
+
+
+def roomy() -> IngressCore:
+    c = IngressCore(dataclasses.replace(LIMITS, max_jobs_in_system=16, num_gpu_blocks=64), Bytes())
+    c.on_event(Ready("stack", -1))
+    return c
+
+
+def _fresh_jobs(c: IngressCore, **f) -> list:
+    jobs = [only(c.on_client(b"c", gen(request_id=f"r{k}", prompt="hi", max_tokens=9, **f))) for k in range(4)]
+    return [j.job_id for j in jobs]
+
+
+def test_one_iterations_events_as_columns_give_what_the_events_give_one_by_one():
+    events = lambda ids: [  # noqa: E731 - one iteration's events, for jobs of two fresh cores
+        JobEvent(ids[0], [104], "", "", ""),
+        JobEvent(ids[1], [105, 33], "", "", ""),
+        JobEvent(ids[2], [65], "", "", "", [TokenLogprobs(-0.5, [65], [-0.5])]),
+        JobEvent(ids[3], [66], "length", "", ""),
+        JobEvent(ids[1], [], "cancelled", "", ""),
+    ]
+    one_by_one, columns = roomy(), roomy()
+    expected = [out for ev in events(_fresh_jobs(one_by_one, stop=["i!"])) for out in one_by_one.on_event(ev)]
+    packed = JobEvents.pack(events(_fresh_jobs(columns, stop=["i!"])))
+    assert packed.job_ids == [packed.job_ids[0], packed.job_ids[0] + 1] and packed.num_tokens == [1, 2]
+    assert [e.finish_reason for e in packed.events] == ["", "length", "cancelled"]  # logprobs and ends follow
+    decoded = codec.decode(codec.encode(packed), JobEvents)
+    assert columns.on_event(decoded) == expected
+    assert columns.jobs.keys() == one_by_one.jobs.keys() and columns.kv_reserved == one_by_one.kv_reserved
+    assert any(isinstance(o.msg, CancelJob) for o in expected)  # r1's stop string ended it at once
+
+
+def test_job_events_whose_counts_do_not_cover_the_tokens_are_refused_by_the_codec():
+    type_byte, payload = codec.encode(JobEvents([1, 2], [1, 1], [5, 6], []))
+    assert codec.decode([type_byte, payload], JobEvents).num_tokens == [1, 1]
+    for counts in ([1, 2], [2], [3, -1]):  # more tokens than given, a job without a count, a negative count
+        fields = msgpack.unpackb(payload)
+        fields["num_tokens"] = counts
+        with pytest.raises(DecodeError):
+            codec.decode([type_byte, msgpack.packb(fields)], JobEvents)
+
+
+def test_token_events_of_requests_that_ask_for_batches_are_marked_and_others_are_not():
+    c = roomy()
+    batched = only(c.on_client(b"c", gen(request_id="a", prompt="hi", batch_events=True)))
+    single = only(c.on_client(b"c", gen(request_id="b", prompt="hi")))
+    outs = c.on_event(JobEvents.pack([JobEvent(batched.job_id, [104], "", "", ""), JobEvent(single.job_id, [105], "", "", "")]))
+    assert [(o.msg.request_id, o.batch) for o in outs] == [("a", True), ("b", False)]
+    (final,) = c.on_event(JobEvent(batched.job_id, [33], "length", "", ""))
+    assert isinstance(final.msg, FinishEvent) and not final.batch  # final events always travel alone
