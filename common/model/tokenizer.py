@@ -29,7 +29,11 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         # a token stream may stop inside a multi-byte character: replace, never raise
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        try:
+            raw = bytes(ids)
+        except ValueError:  # special ids (above 255) decode to nothing
+            raw = bytes(i for i in ids if 0 <= i < 256)
+        return raw.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

@@ -133,6 +133,10 @@ class KVBooks:
     def grow(self, job_id: JobId, num_tokens: int) -> bool:
         """Give a new, dropped or device-side job blocks for num_tokens; False (nothing taken) if short."""
         entry = self._jobs.get(job_id)
+        if entry is not None and entry.state is Residency.DEVICE and entry.num_tokens <= num_tokens \
+                and num_tokens <= len(entry.device) * self.block_size:  # a decode step within its last block
+            entry.num_tokens = num_tokens
+            return True
         if entry is None or entry.state is Residency.DROPPED:
             entry = JobBlocks(job_id, Residency.DEVICE, 0)
         elif entry.state not in (Residency.DEVICE, Residency.SWAPPING_IN):

@@ -265,12 +265,11 @@ class Planner:
 
     # ---- pieces --------------------------------------------------------------------------------
     def _grow_or_hold(self, step: _Step, job: JobId, tokens: int) -> None:
-        need = self.books.extra_blocks(job, tokens)
         if self.books.grow(job, tokens):
             step.tables[job] = self.books.block_table(job)
-        else:
+        else:  # nothing was taken: the need is as before
             step.held.append(job)
-            step.short += need
+            step.short += self.books.extra_blocks(job, tokens)
 
     def _window(self, step: _Step) -> list[JobId]:
         """The jobs predicted to make up the next batch: every picked job, then the run order."""
@@ -336,16 +335,20 @@ class Planner:
     def _step(self, batch: Any, run_order: Sequence[JobId], in_flight: Collection[JobId]) -> _Step:
         picked = dict(batch.items() if isinstance(batch, Mapping) else batch)
         flying = set(in_flight)
-        for job, tokens in picked.items():
-            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-                raise ValueError(f"job {job!r}: tokens after the step must be an integer > 0, not {tokens!r}")
-            if job in flying and self.books.get(job) is None:
+        sizes = picked.values()
+        if not (all(type(t) is int for t in sizes) and min(sizes, default=1) > 0
+                and self.can_ever_fit(max(sizes, default=1))):  # checked one by one only to say which job
+            for job, tokens in picked.items():
+                if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+                    raise ValueError(f"job {job!r}: tokens after the step must be an integer > 0, not {tokens!r}")
+                if not self.can_ever_fit(tokens):
+                    raise ValueError(
+                        f"job {job!r} needs {self.books.blocks_for(tokens)} blocks but the device pool has "
+                        f"{self.books.device.num_blocks}; reject such jobs at admission (can_ever_fit)"
+                    )
+        for job in flying.intersection(picked):
+            if self.books.get(job) is None:
                 raise ValueError(f"job {job!r} is in a batch in flight but holds no KV")
-            if not self.can_ever_fit(tokens):
-                raise ValueError(
-                    f"job {job!r} needs {self.books.blocks_for(tokens)} blocks but the device pool has "
-                    f"{self.books.device.num_blocks}; reject such jobs at admission (can_ever_fit)"
-                )
         order = list(run_order)
         rank = dict(zip(reversed(order), range(len(order) - 1, -1, -1)))  # a repeated job keeps its first place
         return _Step(picked, order, rank, set(picked) | flying, flying)
