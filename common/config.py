@@ -115,15 +115,32 @@ class ParallelConfig:
     num_stages: int = 2  # pipeline stages, one worker process each
     devices: tuple[str, ...] = ()  # CUDA device index of each stage ("0", "0": both on GPU 0); empty = stage k on
     # GPU k modulo the GPUs the worker sees (one GPU: every stage on it; compose gives each worker its own GPU)
+    cpu_threads: int = 0  # torch threads per worker on CPU; 0 = the cores of its share (see control_cpus)
+    control_cpus: int = 0  # > 0: pin ingress/scheduler/KV manager/HTTP to this many cores, workers to the rest
+    # (common/affinity.py); 0 = no pinning
 
     def validate(self) -> None:
         if self.num_stages <= 0:
             raise ConfigError("parallel.num_stages must be > 0")
+        if self.cpu_threads < 0:
+            raise ConfigError("parallel.cpu_threads must be >= 0 (0: the cores of the worker's share)")
+        if self.control_cpus < 0:
+            raise ConfigError("parallel.control_cpus must be >= 0 (0: no pinning)")
         if self.devices and len(self.devices) != self.num_stages:
             raise ConfigError(f"parallel.devices lists {len(self.devices)} devices but parallel.num_stages is "
                               f"{self.num_stages}; list one CUDA device index per stage or leave it empty")
         if any(not d.isdigit() for d in self.devices):
             raise ConfigError(f"parallel.devices is {list(self.devices)}; use CUDA device indices such as [\"0\", \"1\"]")
+
+
+def worker_threads(parallel: ParallelConfig) -> int:
+    """Torch CPU threads of one worker: parallel.cpu_threads, else one per core it is pinned to
+    (parallel.control_cpus), else an equal share of the machine's cores."""
+    if parallel.cpu_threads:
+        return parallel.cpu_threads
+    if parallel.control_cpus:
+        return len(os.sched_getaffinity(0))  # the worker pinned itself at start (common/affinity.py)
+    return max(1, (os.cpu_count() or 1) // parallel.num_stages)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any, Awaitable, Callable
 
+from common import affinity
 from common import config as config_mod
 from common import sockets
 from common.log import setup_logging
@@ -26,6 +27,7 @@ def parse(prog: str, description: str, argv: list[str], stage: bool = False) -> 
     try:
         config = config_mod.load(args.config, args.set)
         sockets.secure(config.security)
+        affinity.pin(config.parallel, prog.split()[-1], args.stage if stage else -1)
     except config_mod.ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

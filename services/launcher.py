@@ -70,8 +70,10 @@ def cached_profile(config: config_mod.Config) -> str:
     the user's cache directory (FASTSERVE_CACHE or ~/.cache/fastserve).
     """
     m = config.model
+    p = config.parallel
+    threads = [p.cpu_threads, p.control_cpus] if p.cpu_threads or p.control_cpus else []  # the step's cores
     key = json.dumps([str(Path(m.path).resolve()) if m.path != TINY else TINY, m.seed, m.dtype, m.device,
-                      m.max_context, config.cache.block_size, config.parallel.num_stages])
+                      m.max_context, config.cache.block_size, p.num_stages, *threads])
     cache = config_mod.cache_dir()
     path = cache / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if not path.is_file():
@@ -79,7 +81,8 @@ def cached_profile(config: config_mod.Config) -> str:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         overrides = [f"model.{k}={v}" for k, v in (("path", m.path), ("seed", m.seed), ("dtype", m.dtype),
                                                      ("device", m.device), ("max_context", m.max_context))]
-        overrides += [f"cache.block_size={config.cache.block_size}", f"parallel.num_stages={config.parallel.num_stages}"]
+        overrides += [f"cache.block_size={config.cache.block_size}", f"parallel.num_stages={p.num_stages}",
+                      f"parallel.cpu_threads={p.cpu_threads}", f"parallel.control_cpus={p.control_cpus}"]
         argv = [sys.executable, "-m", "services.cli", "profile", "--out", str(tmp),
                 "--input-lens", "16,64,256,1024", "--batch-sizes", "1,8,32", "--context-lens", "64,512", "--repeats", "2"]
         argv += [item for o in overrides for item in ("--set", o)]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-from common.config import ConfigError, load
+from common import affinity
+from common.config import ConfigError, load, worker_threads
 from common.profile import Profile
 from workers.generate import _Parser, _UsageError
 from workers.model.batch import StepInput
@@ -96,8 +96,9 @@ def run(argv: list[str]) -> Profile:
     bs = config.cache.block_size
     blocks = max(blocks_needed(max(inputs), bs), max(batches) * blocks_needed(max(contexts) + 1, bs))
     m = config.model
-    if m.device == "cpu":  # time the step with the threads a stage worker gets (workers/service.py)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.num_stages))
+    if m.device == "cpu":  # time the step on the cores and threads a stage worker gets (workers/service.py)
+        affinity.pin(config.parallel, "worker", 0)
+        torch.set_num_threads(worker_threads(config.parallel))
     engine = OfflineEngine.build(m.path, config.parallel.num_stages, blocks, bs, m.device, m.dtype, m.seed,
                                  m.max_context)
     meta = {"model": m.path, "device": m.device, "dtype": m.dtype, "num_stages": config.parallel.num_stages,

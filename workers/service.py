@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import os
 import sys
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from common import sockets
+from common.config import worker_threads
 from common.log import get_logger
 from common.hostpool import HostPoolError
 from common.liveness import Beacon, new_epoch
@@ -144,7 +144,7 @@ class StageWorker:
     @classmethod
     def from_config(cls, config: Any, stage: int, ctx: Any | None = None) -> "StageWorker":
         if config.model.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.num_stages))
+            torch.set_num_threads(worker_threads(config.parallel))
             # The CPU copy executor is a thread: hand it the GIL quickly, or a short copy waits out a
             # whole 5 ms switch interval behind the compute's Python code and runs after it.
             sys.setswitchinterval(0.0002)
