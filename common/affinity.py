@@ -44,5 +44,10 @@ def pin(parallel: ParallelConfig, role: str, stage: int = -1) -> list[int] | Non
     """Pin this process (every thread it starts later too) by `parallel.control_cpus`; the cores, or None."""
     cores = cores_for(parallel, role, stage, available())
     if cores is not None:
-        os.sched_setaffinity(0, cores)
+        # every thread already running too (a math library's pool started at import); later ones inherit
+        for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:  # the thread ended meanwhile
+                pass
     return cores

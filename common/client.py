@@ -226,8 +226,12 @@ class AsyncClient:
 
     async def _next(self, queue: asyncio.Queue, request_id: str, deadline: float) -> Any:
         try:
-            item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+            if queue.empty():  # a timeout scope, not wait_for: no task per event on a busy stream
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    item = await queue.get()
+            else:
+                item = queue.get_nowait()
+        except TimeoutError:
             raise RequestTimeout("no reply within the timeout", request_id) from None
         if isinstance(item, BaseException):
             raise item

@@ -284,7 +284,8 @@ class ScheduleBatch:
 @message(MsgType.BATCH_PLANNED)
 @dataclass(frozen=True)
 class BatchPlanned:
-    """KV-cache manager -> scheduler: which picked jobs the batch left out, sent before it runs."""
+    """KV-cache manager -> scheduler: which picked jobs the batch left out, sent before it runs; only when
+    it left some out, dropped KV, or the copies in flight changed since the scheduler last heard."""
 
     batch_id: Annotated[int, Range(0)]
     held_job_ids: list[int]  # not run this iteration (no room, or KV moving); they may be picked again

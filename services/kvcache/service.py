@@ -68,6 +68,7 @@ class KVCacheManager:
         self.planner = planner
         planner.reset(first_op_id=self.epoch)  # no copy id of an earlier incarnation recurs
         self.scheduler_epoch = 0  # the scheduler the books are kept for (0: none heard yet)
+        self.reported_copies = 0  # copies in flight as the scheduler last heard it (BatchPlanned, KVChanged)
         address, period = beacon
         self.beacon = Beacon("kvcache", -1, self.epoch, [address] if address else [], period)
         self.block_bytes = block_bytes  # bytes of one block summed over every stage (one swap of one block)
@@ -145,6 +146,7 @@ class KVCacheManager:
                                  old_epoch=self.scheduler_epoch, epoch=msg.epoch)
                 self.planner.reset()
             self.scheduler_epoch = msg.epoch
+            self.reported_copies = 0  # as a new scheduler starts
         elif msg.up:
             return
         await sockets.send(self.send_to_scheduler, self.capacity())  # the scheduler bounds starts by it
@@ -168,10 +170,13 @@ class KVCacheManager:
         step = self.planner.plan_step(msg.freed_job_ids, msg.job_ids, msg.context_lens, msg.num_new_tokens,
                                       msg.run_order, msg.in_flight_job_ids)
         plan, rows = step.plan, step.rows
-        await sockets.send(
-            self.send_to_scheduler,
-            BatchPlanned(msg.batch_id, list(step.held), list(plan.dropped), step.free_blocks, step.copies_in_flight),
-        )
+        if step.held or plan.dropped or step.copies_in_flight != self.reported_copies:
+            # otherwise the plan tells the scheduler nothing: most decode steps save it a wakeup
+            self.reported_copies = step.copies_in_flight
+            await sockets.send(
+                self.send_to_scheduler,
+                BatchPlanned(msg.batch_id, list(step.held), list(plan.dropped), step.free_blocks, step.copies_in_flight),
+            )
         input_ids = cut_rows(msg.input_ids, msg.num_new_tokens, rows)
         job_ids = [msg.job_ids[i] for i in rows]
         await sockets.send(
@@ -205,7 +210,8 @@ class KVCacheManager:
                 self.log.warning("bad_swap_done", op_id=op_id, stage=msg.stage, error=str(e))
         if completed:
             books = self.planner.books
-            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), []))
+            self.reported_copies = len(books.pending_ops())
+            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, self.reported_copies, []))
 
     async def on_stats(self, msg: StatsRequest) -> None:
         await sockets.send(self.send_to_scheduler, Stats(msg.request_no, self.stats()))
@@ -220,7 +226,8 @@ class KVCacheManager:
         self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
         await self._barrier()  # every stage finishes the copies it still runs before the blocks are reused
         books = self.planner.books
-        await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, len(books.pending_ops()), list(lost)))
+        self.reported_copies = len(books.pending_ops())
+        await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, self.reported_copies, list(lost)))
 
     async def on_exit(self, msg: Exit) -> None:
         """The launcher says a peer died; the stack is about to stop, so there is nothing to do."""

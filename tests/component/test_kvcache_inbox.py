@@ -63,8 +63,6 @@ async def test_a_swap_done_for_an_unknown_op_or_stage_never_ends_the_loop():
         for op_ids, stage in (([0], 0), ([12345, 7], 0), ([0], 9)):
             await sockets.send(to_manager, SwapDone(stage, op_ids, 0.001, 0.0))
         await sockets.send(to_manager, batch(1, 42, [1, 2, 3]))
-        planned = await recv(scheduler)
-        assert isinstance(planned, BatchPlanned) and planned.held_job_ids == []
         forwarded = await recv(stage0)
         assert isinstance(forwarded, StageBatch) and forwarded.job_ids == [42]
         assert not loop.done()
@@ -76,7 +74,6 @@ async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
         await sockets.send(to_manager, Alive("scheduler", -1, 1000, False))
         assert (await recv(scheduler)).scheduler_epoch == 1000
         await sockets.send(to_manager, batch(1000, 42, list(range(10))))  # job 42 holds 3 blocks
-        assert isinstance(await recv(scheduler), BatchPlanned)
         assert (await recv(stage0)).job_ids == [42]
         assert manager.planner.books.device.num_free == 13
         await sockets.send(to_manager, Alive("scheduler", -1, 999, False))  # an older incarnation: ignored
@@ -86,4 +83,21 @@ async def test_a_new_scheduler_epoch_gets_fresh_books_after_a_barrier():
         barrier = await recv(stage0)
         assert isinstance(barrier, StageBatch) and barrier.flush and barrier.job_ids == []
         assert manager.planner.is_whole() and manager.planner.books.device.num_free == 16
+        assert not loop.done()
+
+
+async def test_the_scheduler_hears_of_a_plan_only_when_it_held_a_job_back():
+    async with manager_with_fake_peers("kv3") as (manager, to_manager, stage0, scheduler, loop):
+        assert isinstance(await recv(scheduler), Ready)
+        await sockets.send(to_manager, Alive("scheduler", -1, 5, False))
+        assert isinstance(await recv(scheduler), KVCapacity)
+        await sockets.send(to_manager, batch(5, 42, list(range(40))))  # 10 of the 16 blocks: nothing held
+        assert (await recv(stage0)).job_ids == [42]
+        sampling = BatchSampling([0.0], [0], [1.0], [None], [0])
+        # job 43 needs 10 blocks too while 42, in flight, can neither leave nor make room: held
+        await sockets.send(to_manager, ScheduleBatch(6, [43], [40], [0], sampling, np.arange(40, dtype=np.int64),
+                                                     [], [42, 43], [42]))
+        planned = await recv(scheduler)  # the first message since the capacity: batch 5 sent none
+        assert isinstance(planned, BatchPlanned) and (planned.batch_id, planned.held_job_ids) == (6, [43])
+        assert (await recv(stage0)).job_ids == []
         assert not loop.done()
