@@ -193,8 +193,10 @@ class ProfileCost:
     host_bytes_s: float = 10e9
 
     def iteration_time(self, prefill_lens: Sequence[int], decode_contexts: Sequence[int]) -> float:
-        compute = self.profile.iteration_time(list(prefill_lens), list(decode_contexts))
-        return compute + self.profile.overhead_time(len(prefill_lens) + len(decode_contexts), self.num_stages)
+        p = self.profile
+        compute = p.iteration_time(list(prefill_lens), list(decode_contexts))
+        stack = p.overhead_time(len(prefill_lens) + len(decode_contexts), self.num_stages)
+        return compute + stack + sum(p.prefill_overhead_time(n, self.num_stages) for n in prefill_lens)
 
     def prefill_time(self, input_len: int) -> float:
         return self.profile.prefill_time(input_len)
@@ -204,6 +206,7 @@ class ProfileCost:
 
     def describe(self) -> dict[str, Any]:
         p = self.profile
-        stack = {"batch_size": list(p.stack_batch), "seconds": list(p.stack_s)} if p.stack_stages == self.num_stages else None
+        stack = ({"batch_size": list(p.stack_batch), "seconds": list(p.stack_s), "prefill_len": list(p.stack_prefill_len),
+                  "prefill_seconds": list(p.stack_prefill_s)} if p.stack_stages == self.num_stages else None)
         return {"kind": "profile", "meta": p.meta, "num_stages": self.num_stages, "kv_capacity_tokens": self.kv_capacity_tokens,
                 "stack_overhead": stack}

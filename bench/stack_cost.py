@@ -1,7 +1,7 @@
 """What the running stack adds to each iteration, measured through `fastserve up`, into a profile.
 
     python -m bench.stack_cost --profile P.json --out P_stack.json [--stages 2] [--batches 1,4,8,16,32]
-                               [--tokens 64] [--set KEY=VALUE ...]
+                               [--tokens 64] [--prefill-lens 64,256,1024,2040] [--set KEY=VALUE ...]
 
 For each batch size B, B decode requests of 16 prompt tokens run at once through a stack that uses
 the profile P (so its policies see the same times). A job's gap between tokens is one trip of its
@@ -10,8 +10,16 @@ stack adds to an iteration of n jobs (n = tokens decoded / iterations: with S st
 S disjoint batches) is the median gap minus what the profile says such an iteration computes (the
 decode time of n jobs at their mean context): it holds the control plane and the hops, and also the
 compute being slower inside the stack than alone (the processes share the cores). The workers' own
-compute per iteration is recorded beside it. The output is P with a "stack" section (`common/profile.py`) that the simulator adds to every iteration it models, and the
-measurements themselves under "stack_measured".
+compute per iteration is recorded beside it.
+
+Prefill: for each length L, lone requests of L prompt tokens and one output token, one after another on
+the idle stack; each takes one iteration through the stack. What a prefill of L adds beyond the
+per-iteration cost above is its median latency minus the profile's prefill time of L and minus the
+added time of a 1-job iteration (the larger the prompt, the more activations cross the stages, and the
+longer its compute runs beside the control plane).
+
+The output is P with a "stack" section (`common/profile.py`) that the simulator adds to every
+iteration it models, and the measurements themselves under "stack_measured".
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from bench.overhead import CONTROL_PLANE, through_stack
@@ -29,12 +39,28 @@ from common.profile import Profile
 PROMPT_LEN = 16  # as bench.overhead sends
 
 
-def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: list[str]) -> list[dict]:
+async def lone_prefills(endpoint: str, length: int, repeats: int) -> list[float]:
+    """Seconds from send to the one output token of lone requests with `length` prompt tokens."""
+    from common.client import AsyncClient
+
+    seconds = []
+    async with AsyncClient(endpoint, timeout=600) as client:
+        for k in range(repeats + 1):  # the first warms this length up and is not counted
+            prompt = [(11 * k + i) % 256 for i in range(length)]
+            start = time.perf_counter()
+            await client.generate(prompt_ids=prompt, max_tokens=1, ignore_eos=True)
+            if k:
+                seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: list[str],
+            prefill_lens: list[int] = (), repeats: int = 5) -> tuple[list[dict], list[dict]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
     from stack import Stack
 
     model = Profile.load(profile)
-    rows = []
+    rows, prefills = [], []
     stack = Stack([f"scheduler.profile={Path(profile).resolve()}", *extra], num_stages=stages)
     try:
         pids = {role: stack.pids_of(role)[0] for role in CONTROL_PLANE}
@@ -48,19 +74,32 @@ def measure(profile: str, stages: int, batches: list[int], tokens: int, extra: l
             print(f"{batch:>3} requests: {jobs:5.1f} jobs/iteration, gap p50 {run['gap_ms_p50']:.2f} ms, "
                   f"profiled {profiled_ms:.2f} ms, workers' compute {run['worker_compute_ms_per_iteration']:.2f} ms, "
                   f"added {added_ms:.2f} ms", flush=True)
+        one_job_ms = next((r["added_ms"] for r in rows if round(r["jobs_per_iteration"]) <= 1), 0.0)
+        for length in prefill_lens:
+            latency_ms = statistics.median(asyncio.run(lone_prefills(stack.endpoint, length, repeats))) * 1e3
+            profiled_ms = model.prefill_time(length) * 1e3
+            added_ms = latency_ms - profiled_ms - one_job_ms
+            prefills.append({"prompt_len": length, "latency_ms_p50": latency_ms, "profiled_ms": profiled_ms,
+                             "added_ms": added_ms})
+            print(f"prefill {length:>5}: latency p50 {latency_ms:.2f} ms, profiled {profiled_ms:.2f} ms, "
+                  f"added beyond a 1-job iteration {added_ms:.2f} ms", flush=True)
     finally:
         stack.stop()
-    return rows
+    return rows, prefills
 
 
-def with_stack(profile: Profile, stages: int, rows: list[dict]) -> Profile:
-    """The profile with its stack section: added seconds by jobs per iteration (one point per size)."""
+def with_stack(profile: Profile, stages: int, rows: list[dict], prefills: list[dict] = ()) -> Profile:
+    """The profile with its stack section: added seconds by jobs per iteration (one point per size),
+    and by prefill length."""
     points: dict[int, float] = {}
     for row in rows:
         points[max(1, round(row["jobs_per_iteration"]))] = max(row["added_ms"], 0.0) / 1e3
     sizes = sorted(points)
+    by_len = {p["prompt_len"]: max(p["added_ms"], 0.0) / 1e3 for p in prefills}
+    lens = sorted(by_len)
     return Profile(profile.prefill_len, profile.prefill_s, profile.decode_batch, profile.decode_context,
-                   profile.decode_s, profile.meta, stages, tuple(sizes), tuple(points[n] for n in sizes))
+                   profile.decode_s, profile.meta, stages, tuple(sizes), tuple(points[n] for n in sizes),
+                   tuple(lens), tuple(by_len[n] for n in lens))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--batches", default="1,4,8,16,32")
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
+    parser.add_argument("--prefill-lens", default="64,256,1024,2040", help="prompt lengths of the prefill measurement ('' = none)")
+    parser.add_argument("--repeats", type=int, default=5, help="lone requests per prefill length")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stack config override")
     args = parser.parse_args(argv)
     base = Profile.load(args.profile)
-    rows = measure(args.profile, args.stages, [int(b) for b in args.batches.split(",")], args.tokens, args.set)
-    out = with_stack(base, args.stages, rows).to_dict()
-    out["stack_measured"] = {"overrides": args.set, "decode_tokens_per_request": args.tokens, "rows": rows}
+    lens = [int(n) for n in args.prefill_lens.split(",") if n]
+    rows, prefills = measure(args.profile, args.stages, [int(b) for b in args.batches.split(",")], args.tokens, args.set,
+                             lens, args.repeats)
+    out = with_stack(base, args.stages, rows, prefills).to_dict()
+    out["stack_measured"] = {"overrides": args.set, "decode_tokens_per_request": args.tokens, "rows": rows,
+                             "prefills": prefills}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

@@ -9,14 +9,17 @@ File format (JSON):
       "prefill": {"input_len": [16, 32, ...], "seconds": [...]},        # batch size 1, whole model
       "decode": {"batch_size": [1, 2, ...], "context_len": [64, ...],
                  "seconds": [[...], ...]},                               # seconds[i][j]: batch_size[i], context_len[j]
-      "stack": {"num_stages": 2, "batch_size": [1, 8, ...], "seconds": [...]}   # optional
+      "stack": {"num_stages": 2, "batch_size": [1, 8, ...], "seconds": [...],   # optional
+                "prefill_len": [64, 512, ...], "prefill_seconds": [...]}        # optional within it
     }
 
 Times are for one iteration of the whole model (all stages in sequence), in seconds. The optional
 "stack" section is what the running stack adds to every iteration around that compute (the control
 plane, the hops between processes, the pipeline's waits), measured through `fastserve up` by
-`python -m bench.stack_cost` at a few batch sizes for one stage count; the simulator adds it to each
-iteration (`bench.costmodel.ProfileCost`). The scheduler's policies never read it.
+`python -m bench.stack_cost` at a few batch sizes for one stage count, and what a prefill of a given
+length adds on top (its prompt crosses the stages as activations, and its compute runs slower inside
+the stack than alone); the simulator adds both to each iteration (`bench.costmodel.ProfileCost`). The
+scheduler's policies never read it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def _stack_fields(stack: Any) -> dict[str, Any]:
     if stack is None:
         return {}
     return {"stack_stages": int(stack["num_stages"]), "stack_batch": tuple(int(x) for x in stack["batch_size"]),
-            "stack_s": tuple(float(x) for x in stack["seconds"])}
+            "stack_s": tuple(float(x) for x in stack["seconds"]),
+            "stack_prefill_len": tuple(int(x) for x in stack.get("prefill_len", ())),
+            "stack_prefill_s": tuple(float(x) for x in stack.get("prefill_seconds", ()))}
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class Profile:
     stack_stages: int = 0  # stage count the stack overhead was measured with; 0 = none measured
     stack_batch: tuple[int, ...] = ()  # batch sizes, increasing
     stack_s: tuple[float, ...] = ()  # seconds the stack adds to one iteration at each batch size
+    stack_prefill_len: tuple[int, ...] = ()  # prompt lengths, increasing
+    stack_prefill_s: tuple[float, ...] = ()  # seconds a prefill of that length adds beyond the above
 
     def overhead_time(self, batch_size: int, num_stages: int) -> float:
         """Seconds the running stack adds to an iteration of `batch_size` jobs (0 when it was not
@@ -72,6 +79,13 @@ class Profile:
         if len(self.stack_batch) == 1:
             return self.stack_s[0]
         return _interp(self.stack_batch, self.stack_s, min(max(batch_size, self.stack_batch[0]), self.stack_batch[-1]))
+
+    def prefill_overhead_time(self, input_len: int, num_stages: int) -> float:
+        """Seconds the running stack adds for one prefill of `input_len` tokens in an iteration, beyond
+        overhead_time (0 when not measured for this stage count); linear beyond the measured lengths."""
+        if not self.stack_prefill_s or num_stages != self.stack_stages:
+            return 0.0
+        return _interp(self.stack_prefill_len, self.stack_prefill_s, max(input_len, self.stack_prefill_len[0]))
 
     def prefill_time(self, input_len: int) -> float:
         """Seconds of the first iteration of a job with this many prompt tokens, alone."""
@@ -113,6 +127,9 @@ class Profile:
             raise ProfileError("profile decode.seconds must be [len(batch_size)][len(context_len)]")
         if len(prof.stack_batch) != len(prof.stack_s) or list(prof.stack_batch) != sorted(set(prof.stack_batch)):
             raise ProfileError("profile stack.batch_size must be strictly increasing and as long as stack.seconds")
+        if len(prof.stack_prefill_len) != len(prof.stack_prefill_s) \
+                or list(prof.stack_prefill_len) != sorted(set(prof.stack_prefill_len)):
+            raise ProfileError("profile stack.prefill_len must be strictly increasing and as long as stack.prefill_seconds")
         if not prof.decode_batch or not prof.decode_context:
             raise ProfileError("profile decode.batch_size and decode.context_len must be non-empty")
         for name in ("prefill_len", "decode_batch", "decode_context"):
@@ -132,7 +149,9 @@ class Profile:
                 "seconds": [list(r) for r in self.decode_s],
             },
             **({"stack": {"num_stages": self.stack_stages, "batch_size": list(self.stack_batch),
-                          "seconds": list(self.stack_s)}} if self.stack_s else {}),
+                          "seconds": list(self.stack_s),
+                          **({"prefill_len": list(self.stack_prefill_len), "prefill_seconds": list(self.stack_prefill_s)}
+                             if self.stack_prefill_s else {})}} if self.stack_s else {}),
         }
 
     @classmethod

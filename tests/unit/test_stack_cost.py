@@ -45,3 +45,27 @@ def test_measurements_become_the_stack_section():
             {"jobs_per_iteration": 16.0, "added_ms": -0.3}]
     profile = with_stack(Profile.from_dict(BASE), 2, rows)
     assert (profile.stack_stages, profile.stack_batch, profile.stack_s) == (2, (1, 8, 16), (0.0025, 0.004, 0.0))
+
+
+def test_prefill_lengths_add_their_own_stack_cost_to_the_iterations_that_carry_them():
+    stack = {"num_stages": 2, "batch_size": [1, 8], "seconds": [0.002, 0.006],
+             "prefill_len": [64, 1024], "prefill_seconds": [0.001, 0.011]}
+    profile = Profile.from_dict({**BASE, "stack": stack})
+    assert Profile.from_dict(profile.to_dict()) == profile
+    assert profile.prefill_overhead_time(544, 2) == pytest.approx(0.006)
+    assert profile.prefill_overhead_time(16, 2) == pytest.approx(0.001)  # held below the shortest
+    assert profile.prefill_overhead_time(2048, 2) == pytest.approx(0.011 + 1024 / 960 * 0.010)  # linear beyond
+    assert profile.prefill_overhead_time(544, 1) == 0.0
+    cost = ProfileCost(profile, num_stages=2)
+    both = cost.iteration_time([544, 64], [64])
+    assert both == pytest.approx(profile.iteration_time([544, 64], [64]) + profile.overhead_time(3, 2) + 0.006 + 0.001)
+    assert cost.iteration_time([], [64]) == pytest.approx(0.004 + 0.002)  # decode-only iterations as before
+    with pytest.raises(ProfileError):
+        Profile.from_dict({**BASE, "stack": {**stack, "prefill_seconds": [0.001]}})
+
+
+def test_prefill_measurements_join_the_stack_section():
+    rows = [{"jobs_per_iteration": 1.0, "added_ms": 2.0}]
+    prefills = [{"prompt_len": 1024, "added_ms": 9.0}, {"prompt_len": 64, "added_ms": -1.0}]
+    profile = with_stack(Profile.from_dict(BASE), 2, rows, prefills)
+    assert (profile.stack_prefill_len, profile.stack_prefill_s) == ((64, 1024), (0.0, 0.009))
