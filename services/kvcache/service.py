@@ -178,22 +178,30 @@ class KVCacheManager:
                 BatchPlanned(msg.batch_id, list(step.held), list(plan.dropped), step.free_blocks, step.copies_in_flight),
             )
         input_ids = cut_rows(msg.input_ids, msg.num_new_tokens, rows)
-        job_ids = [msg.job_ids[i] for i in rows]
+        if len(rows) == len(msg.job_ids):  # every picked job runs (most steps): the columns go on as they are
+            job_ids, new, context, sampling, carry = (msg.job_ids, msg.num_new_tokens, msg.context_lens, msg.sampling,
+                                                      msg.carry_from)
+        else:
+            job_ids = [msg.job_ids[i] for i in rows]
+            new, context = [msg.num_new_tokens[i] for i in rows], [msg.context_lens[i] for i in rows]
+            sampling = msg.sampling.select(rows)
+            carry = [msg.carry_from[i] for i in rows] if msg.carry_from else []
+        tables = plan.block_tables
         await sockets.send(
             self.send_to_stage0,
             StageBatch(
                 batch_id=msg.batch_id,
                 job_ids=job_ids,
-                num_new_tokens=[msg.num_new_tokens[i] for i in rows],
-                context_lens=[msg.context_lens[i] for i in rows],
-                block_tables=[list(plan.block_tables[j]) for j in job_ids],
-                sampling=msg.sampling.select(rows),
+                num_new_tokens=new,
+                context_lens=context,
+                block_tables=[tables[j] for j in job_ids],  # tuples: msgpack writes them as lists
+                sampling=sampling,
                 swap_out=[wire_op(op) for op in plan.swap_out],
                 swap_in=[wire_op(op) for op in plan.swap_in],
                 input_ids=np.ascontiguousarray(input_ids, dtype=np.int64),
                 hidden=None,
                 compute_s=0.0,
-                carry_from=[msg.carry_from[i] for i in rows] if msg.carry_from else [],
+                carry_from=carry,
             ),
         )
         self.log.debug("batch_forwarded", batch_id=msg.batch_id, t=time.time())

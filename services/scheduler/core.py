@@ -72,6 +72,11 @@ class Entry:
     tokens: list[int] | None  # prompt, then every sampled token; None when the core keeps no tokens
     sampling: SubmitJob
     stop_ids: frozenset[int]
+    row: tuple = ()  # (temperature, top_k, top_p, seed, logprobs): its BatchSampling row, built once
+
+    def __post_init__(self) -> None:
+        s = self.sampling
+        self.row = (s.temperature, s.top_k, s.top_p, s.seed, s.logprobs)
 
 
 @dataclass
@@ -211,10 +216,9 @@ class SchedulerCore:
             self.counters.carried += carried
             if not carried:
                 carry_from = []
-        params = [entries[job_id].sampling for job_id in job_ids]
-        sampling = BatchSampling([p.temperature for p in params], [p.top_k for p in params],
-                                 [p.top_p for p in params], [p.seed for p in params],
-                                 steps, [p.logprobs for p in params])
+        columns = zip(*[entries[job_id].row for job_id in job_ids]) if job_ids else [()] * 5
+        temperature, top_k, top_p, seed, logprobs = (list(c) for c in columns)
+        sampling = BatchSampling(temperature, top_k, top_p, seed, steps, logprobs)
         inputs = None
         if self.keep_tokens:
             carried_ids = set(j for j, b in zip(job_ids, carry_from) if b >= 0)

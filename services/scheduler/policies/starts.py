@@ -133,13 +133,23 @@ class StartGate:
         self._parkable: list[tuple] | None = None  # computed at the first candidate that needs it
         self._full: bool | None = None
         self.capacity = capacity
+        self._used: int | None = None  # blocks the started jobs hold: summed when a start is first weighed
         if capacity is None:
             self.used = self.device_room = self.total_room = 0
             return
-        self.used = sum(capacity.blocks_for(footprint(j)) for j in jobs)
         self.device_room = capacity.device_blocks - capacity.headroom_blocks
         host = 0 if strict else int(config.start_host_fraction * capacity.host_blocks)
         self.total_room = self.device_room + host
+
+    @property
+    def used(self) -> int:
+        if self._used is None:  # a decision that starts nothing (decode only) never walks the started set
+            self._used = sum(self.capacity.blocks_for(self.footprint(j)) for j in self.jobs)
+        return self._used
+
+    @used.setter
+    def used(self, blocks: int) -> None:
+        self._used = blocks
 
     @property
     def parkable(self) -> list[tuple]:
