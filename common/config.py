@@ -85,7 +85,7 @@ class SchedulerConfig:
     max_started: int = 0  # fixed bound on started-but-unfinished jobs; 0 = the memory-aware rule (SCHEDULING.md)
     start_host_fraction: float = 0.5  # share of the host KV pool that preempted started jobs may fill
     service_share: str = "own"  # "own": a job is charged its share of an iteration; "iteration": all of it
-    # "auto": overlapped scheduling with one stage, off with more; "on" / "off" (SCHEDULING.md)
+    # "auto" (= "on"): overlapped scheduling with any number of stages; "off" (SCHEDULING.md)
     overlap: str = "auto"
 
     def validate(self) -> None:

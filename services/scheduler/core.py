@@ -23,11 +23,9 @@ from services.scheduler.policies.starts import Capacity
 
 
 def overlaps(scheduler: object, num_stages: int) -> bool:
-    """Whether the core carries decode jobs into the next batch (`scheduler.overlap`): "auto" does with
-    one stage only; with two or more the simulator showed a carried batch holding stage 0
-    (docs/SCHEDULING.md)."""
-    mode = getattr(scheduler, "overlap", "off")
-    return mode == "on" or mode == "auto" and num_stages == 1
+    """Whether the core carries decode jobs into the next batch (`scheduler.overlap`): "on" and "auto"
+    (the default) do, with any number of stages (docs/SCHEDULING.md); "off" does not."""
+    return getattr(scheduler, "overlap", "off") in ("on", "auto")
 
 
 @dataclass
@@ -274,8 +272,10 @@ class SchedulerCore:
         # Carry: in one batch in flight, in decode there, that batch does not produce its last token, and
         # it is the oldest in flight (the next to come back): stage 0 takes the carried token as that batch
         # leaves the last stage, about when stage 0 is free again. Carrying from a younger batch would
-        # leave stage 0 idle until it has gone through every stage.
-        if not (self.overlap and count == 1):
+        # leave stage 0 idle until it has gone through every stage. And only into the extra batch, once
+        # every stage has one: before that a batch for a free stage 0 would wait for its source to cross
+        # all the stages, and the pipeline would run one group of jobs at a time instead of one per stage.
+        if not (self.overlap and count == 1) or len(self.in_flight) < self.num_stages:
             return False
         batch_id, new = self.last_batch[job_id]
         return new == 1 and job.num_generated + 1 < job.max_tokens and batch_id == self._oldest

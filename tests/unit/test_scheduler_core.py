@@ -272,12 +272,27 @@ def test_a_cancelled_carried_job_is_freed_once_both_its_batches_are_back():
     core = overlapped(stages=2)
     core.submit(submit(1, [5], max_tokens=50), 0.0)
     core.update(result(core.schedule(0.0), [6]), 0.1)
-    b1, b2 = core.schedule(0.1), core.schedule(0.1)
+    b1 = core.schedule(0.1)
+    core.submit(submit(2, [9], max_tokens=50), 0.1)
+    b2, b3 = core.schedule(0.1), core.schedule(0.1)  # a batch per stage, then job 1 carried from b1
+    assert (b2.job_ids, b3.job_ids, b3.carry_from) == ([2], [1], [b1.batch_id])
     core.cancel(1, 0.15)
     assert core.update(result(b1, [7]), 0.2) == []
     assert core.to_free == []
-    core.update(result(b2, [8]), 0.3)
+    core.update(result(b3, [8]), 0.3)
     assert core.to_free == [1]
+
+
+def test_with_two_stages_a_job_is_carried_only_once_every_stage_has_a_batch():
+    core = overlapped(stages=2)
+    core.submit(submit(1, [5], max_tokens=50), 0.0)
+    core.update(result(core.schedule(0.0), [6]), 0.1)
+    b1 = core.schedule(0.1)
+    # one batch in flight, stage 0 free: carrying job 1 would make stage 0 wait for b1 to cross both
+    # stages, so nothing runs until b1 is back (or another job comes)
+    assert core.schedule(0.1) is None
+    core.update(result(b1, [7]), 0.2)
+    assert core.schedule(0.2).carry_from == []
 
 
 def test_a_job_cancelled_inside_a_batch_that_fails_still_frees_its_kv():
