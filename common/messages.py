@@ -143,14 +143,6 @@ class JobEvents:
                 tokens += ev.token_ids
         return cls(job_ids, counts, tokens, rest)
 
-    def unpack(self) -> list[JobEvent]:
-        """Every event as a JobEvent, in the order they apply."""
-        out, offset = [], 0
-        for job_id, n in zip(self.job_ids, self.num_tokens):
-            out.append(JobEvent(job_id, self.token_ids[offset : offset + n], "", "", ""))
-            offset += n
-        return out + self.events
-
 
 @message(MsgType.STATS_REQUEST)
 @dataclass(frozen=True)

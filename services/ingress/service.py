@@ -117,9 +117,6 @@ class Ingress:
                     self.log.warning("exit_dropped", peer=msg.role, stage=msg.stage, reason="not from this stack's launcher")
                     continue
                 self.log.error("peer_exited", peer=msg.role, stage=msg.stage, exit_code=msg.code)
-            if isinstance(msg, JobEvents):  # one iteration's events travel together
-                await self._send(self.core.on_job_events(msg))
-                continue
             await self._send(self.core.on_event(msg))
             await self._tell_control(msg)
 

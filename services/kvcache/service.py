@@ -217,9 +217,13 @@ class KVCacheManager:
             except (KeyError, ValueError) as e:  # an unknown op or stage (a forged or stale message): drop it
                 self.log.warning("bad_swap_done", op_id=op_id, stage=msg.stage, error=str(e))
         if completed:
-            books = self.planner.books
-            self.reported_copies = len(books.pending_ops())
-            await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, self.reported_copies, []))
+            await self._kv_changed([])
+
+    async def _kv_changed(self, lost: list[int]) -> None:
+        """Tell the scheduler memory changed (a copy landed, or device KV was lost)."""
+        books = self.planner.books
+        self.reported_copies = len(books.pending_ops())
+        await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, self.reported_copies, lost))
 
     async def on_stats(self, msg: StatsRequest) -> None:
         await sockets.send(self.send_to_scheduler, Stats(msg.request_no, self.stats()))
@@ -233,9 +237,7 @@ class KVCacheManager:
         lost = self.planner.device_lost()
         self.log.warning("device_pool_lost", stage=msg.stage, jobs_to_recompute=len(lost))
         await self._barrier()  # every stage finishes the copies it still runs before the blocks are reused
-        books = self.planner.books
-        self.reported_copies = len(books.pending_ops())
-        await sockets.send(self.send_to_scheduler, KVChanged(books.device.num_free, self.reported_copies, list(lost)))
+        await self._kv_changed(list(lost))
 
     async def on_exit(self, msg: Exit) -> None:
         """The launcher says a peer died; the stack is about to stop, so there is nothing to do."""

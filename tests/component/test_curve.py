@@ -88,12 +88,16 @@ async def nothing_arrives(sock, recv=sockets.recv) -> bool:
     return False
 
 
-async def test_an_inbox_takes_only_the_stack_key(secured, keys_dir):
+def bound(bind, secured: list, keys_dir):
+    """(context, a socket `bind` made on a wildcard port, its address, the client keypair)."""
     ctx = sockets.context()
-    inbox = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    secured.append(inbox)
-    address = sockets.bound_address(inbox)
-    client = ClientKeys.load(keys_dir)
+    sock = bind(ctx, "tcp://127.0.0.1:*")
+    secured.append(sock)
+    return ctx, sock, sockets.bound_address(sock), ClientKeys.load(keys_dir)
+
+
+async def test_an_inbox_takes_only_the_stack_key(secured, keys_dir):
+    ctx, inbox, address, client = bound(sockets.bind_inbox, secured, keys_dir)
     for keys in (None, random_keys(client.server), client):  # plain, unknown, and a client's (not an internal) key
         await offer(raw_push(address, keys, secured), Ready("forged", 0))
     assert await nothing_arrives(inbox)
@@ -104,11 +108,7 @@ async def test_an_inbox_takes_only_the_stack_key(secured, keys_dir):
 
 
 async def test_the_client_router_takes_client_keys_and_refuses_others(secured, keys_dir):
-    ctx = sockets.context()
-    router = sockets.bind_router(ctx, "tcp://127.0.0.1:*")
-    secured.append(router)
-    address = sockets.bound_address(router)
-    client = ClientKeys.load(keys_dir)
+    ctx, router, address, client = bound(sockets.bind_router, secured, keys_dir)
     alice = ClientKeys(*zmq.auth.load_certificate(keys_dir / CLIENTS_DIR / "alice.key_secret"), client.server)
     stranger = sockets.connect_dealer(ctx, address, random_keys(client.server))
     secured.append(stranger)
