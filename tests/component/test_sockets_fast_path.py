@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
 from common import sockets
-from common.messages import Ready
+from common.messages import BatchSampling, Ready, StageBatch
 
 
 async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader():
@@ -44,6 +45,72 @@ async def test_push_and_pull_take_the_direct_path_and_keep_order():
         got = [await asyncio.wait_for(sockets.recv(pull), 5) for _ in range(200)]
         assert [m.stage for m in got] == list(range(200))
         assert sockets._fast(push).sends and sockets._fast(pull).receives
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+def _stage_batch(k: int) -> StageBatch:
+    """A message of three frames: type, payload and the input ids' raw buffer."""
+    return StageBatch(k, [k], [3], [0], [[0]], BatchSampling([0.0], [0], [1.0], [None], [0], [0]), [], [],
+                      np.arange(k, k + 3, dtype=np.int64), None, 0.0)
+
+
+async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_message():
+    ctx = zmq.asyncio.Context()
+    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
+    push = sockets.connect_push(ctx, sockets.bound_address(pull))
+    loop = asyncio.get_running_loop()
+    try:
+        for k in range(30):
+            reader = asyncio.ensure_future(sockets.recv(pull))
+            await asyncio.sleep(0.005)  # the reader is asleep: nothing is queued
+            assert not reader.done()
+            await sockets.send(push, _stage_batch(k))
+            got = await asyncio.wait_for(reader, 2)
+            assert got.batch_id == k and got.input_ids.tolist() == [k, k + 1, k + 2]
+        for k in range(50):  # a burst: every message of several frames comes whole and in order
+            await sockets.send(push, _stage_batch(k))
+        got = [await asyncio.wait_for(sockets.recv(pull), 2) for _ in range(50)]
+        assert [m.batch_id for m in got] == list(range(50))
+        assert loop.remove_reader(sockets._fast(pull).fd) is False  # nobody waits: nothing watches the socket
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_a_cancelled_receive_stops_watching_the_socket():
+    ctx = zmq.asyncio.Context()
+    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
+    push = sockets.connect_push(ctx, sockets.bound_address(pull))
+    loop = asyncio.get_running_loop()
+    try:
+        reader = asyncio.ensure_future(sockets.recv(pull))
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        assert loop.remove_reader(sockets._fast(pull).fd) is False
+        await sockets.send(push, Ready("worker", 7))  # the next receive still gets what comes
+        assert (await asyncio.wait_for(sockets.recv(pull), 2)).stage == 7
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_a_pull_socket_that_pyzmq_already_watches_is_read_through_its_futures():
+    ctx = zmq.asyncio.Context()
+    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
+    push = sockets.connect_push(ctx, sockets.bound_address(pull))
+    try:
+        assert not await pull.poll(timeout=20, flags=zmq.POLLIN)  # pyzmq now watches the descriptor
+        for k in range(5):
+            reader = asyncio.ensure_future(sockets.recv(pull))
+            await asyncio.sleep(0.005)
+            await sockets.send(push, Ready("worker", k))
+            assert (await asyncio.wait_for(reader, 2)).stage == k
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
