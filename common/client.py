@@ -212,7 +212,7 @@ class AsyncClient:
         finally:
             self._queues.pop(request_id, None)
             if not finished and self._sock is not None:
-                self._sock.send_multipart(codec.encode(Cancel(request_id)))  # not awaited: may run in aclose()
+                sockets.send_soon(self._sock, Cancel(request_id))  # not awaited: may run in aclose()
 
     async def _send(self, request: Generate | StatsQuery, deadline: float) -> None:
         """Send within the request's deadline. A send waits only while ZeroMQ cannot queue it: the pipe to

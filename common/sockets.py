@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,62 +145,138 @@ def connect_dealer(ctx: zmq.Context, address: str, keys: curve.ClientKeys | None
     return sock
 
 
-# The fast path: a message that can go out (or is already queued in) is sent (received) at once on a
-# plain socket sharing the asyncio socket's handle; only when ZeroMQ would block does the asyncio
-# socket's future machinery run. Measured on a PUSH/PULL pair: 31 us per message through the futures,
-# 9 us directly. Order is kept: a direct send is tried only while no awaited send is pending.
+# The fast path. pyzmq's asyncio sockets wait through futures: on every receive that finds nothing
+# queued (in a live process, nearly every one) that is an Again exception, an io-state add and drop
+# and several enum constructions. Here a message that can go out (or is already in) is sent (received)
+# at once on a plain twin sharing the socket's handle, with plain int flags on pyzmq's compiled socket;
+# only a call that would block waits, on the socket's descriptor, watched while someone waits.
 #
-# Only one-way sockets take it: sends on PUSH, receives on PULL. ZeroMQ's descriptor is edge-triggered,
-# and any call on a socket may consume the edge that announces a message; pyzmq's futures re-check the
-# socket's events after each of their own calls, a direct call does not. On a DEALER that one task reads
-# while another sends, a direct send could swallow the arrival of a reply and leave the reader asleep
-# until some later traffic (tests/component/test_sockets_fast_path.py).
+# ZeroMQ's descriptor is edge-triggered: it signals that the socket's state may have changed, and any
+# call on the socket may consume that signal (the call takes in the socket's pending commands). So
+# after every direct call while someone waits, the socket's events are read again and the waiters woken
+# (on a DEALER one task reads while another sends: tests/component/test_sockets_fast_path.py). Reading
+# ZMQ_EVENTS also resets the descriptor, so the event loop never spins on it. A socket that pyzmq's own
+# futures have touched (a caller awaited its recv_multipart or poll) stays with them: a descriptor has
+# one watcher.
 
 
 class _Fast:
-    """The plain twin of one asyncio socket, and how many of its sends are awaiting room."""
+    """The plain twin of one asyncio socket, its readers waiting for a message, and the sends waiting
+    for room (sent in order from the descriptor's callback)."""
 
-    __slots__ = ("plain", "pending", "sends", "receives", "fd")
+    __slots__ = ("sock", "plain", "fd", "readers", "queue", "loop")
 
     def __init__(self, sock: Any) -> None:
+        self.sock = weakref.ref(sock)  # the socket keeps its twin, not the other way round
         self.plain = zmq.Socket.shadow(sock.underlying)
-        self.pending = 0
-        kind = self.plain.type
-        self.sends = kind == zmq.PUSH  # a socket that is never read
-        self.receives = kind == zmq.PULL  # a socket that is never written
-        self.fd = self.plain.FD if self.receives else -1
+        self.fd = self.plain.FD
+        self.readers: list[asyncio.Future] = []
+        self.queue: deque[tuple[list, bool, asyncio.Future]] = deque()  # (frames, copy, sent)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop watching the descriptor, if any
+
+    def solo(self, sock: Any) -> bool:
+        """pyzmq's futures have never run on this socket (they would watch its descriptor)."""
+        return sock._current_loop is None and not sock.closed
 
     def take(self) -> list | None:
         """The next queued message's frames, or None when none is queued."""
         plain = self.plain
         if not _get(plain, _EVENTS) & _POLLIN:
             return None
-        frames = [_recv(plain, _NOBLOCK, False)]
-        while _get(plain, _RCVMORE):  # the rest of a multipart message is there once its first part is
-            frames.append(_recv(plain, _NOBLOCK, False))
+        frame = _recv(plain, _NOBLOCK, False)
+        frames = [frame]
+        while frame.more:  # the rest of a multipart message is there once its first part is
+            frame = _recv(plain, _NOBLOCK, False)
+            frames.append(frame)
+        if self.loop is not None:
+            self._on_fd()  # the receive may have taken in the room a queued send waits for
         return frames
 
+    def send(self, frames: list, copy: bool) -> bool:
+        """Queue a message now if nothing waits before it and ZeroMQ has room; False when it has not."""
+        if self.queue or not _send_now(self.plain, frames, copy):
+            return False
+        if self.loop is not None:
+            self._on_fd()  # the send may have taken in the arrival a reader waits for
+        return True
+
     async def readable(self) -> None:
-        """Until a message is queued. The event loop watches the socket's descriptor only while this
-        waits: reading ZMQ_EVENTS in the callback resets the descriptor, so the loop never spins on it."""
-        loop = asyncio.get_running_loop()
-        arrived = loop.create_future()
-        loop.add_reader(self.fd, self._wake, arrived)
+        """Until a message may be queued (take() can still find none: another reader was first)."""
+        arrived = self._watch().create_future()
+        self.readers.append(arrived)
         try:
             await arrived
         finally:
-            loop.remove_reader(self.fd)
+            self.readers.remove(arrived)
+            self._unwatch()
 
-    def _wake(self, arrived: asyncio.Future) -> None:
-        if not arrived.done() and _get(self.plain, _EVENTS) & _POLLIN:
-            arrived.set_result(None)
+    async def send_later(self, frames: list, copy: bool) -> None:
+        """Until the message is queued in ZeroMQ, behind the sends already waiting."""
+        sent = self._watch().create_future()
+        self.queue.append((frames, copy, sent))
+        try:
+            self._on_fd()  # room may have come since the direct send failed
+            await sent
+        finally:
+            for k, (_, _, waiting) in enumerate(self.queue):
+                if waiting is sent:  # cancelled while waiting: it is not sent
+                    del self.queue[k]
+                    break
+            self._unwatch()
+
+    def _watch(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self.loop is None:
+            loop.add_reader(self.fd, self._on_fd)
+            self.loop = loop
+        return loop
+
+    def _unwatch(self) -> None:
+        if self.loop is not None and not self.readers and not self.queue:
+            self.loop.remove_reader(self.fd)
+            self.loop = None
+
+    def _on_fd(self) -> None:
+        sock = self.sock()
+        if sock is None or sock.closed:  # closed under its waiters: they fail, the watch ends
+            for _, _, sent in self.queue:
+                if not sent.done():
+                    sent.set_exception(zmq.ZMQError(zmq.ENOTSOCK))
+            for arrived in self.readers:
+                if not arrived.done():
+                    arrived.set_exception(zmq.ZMQError(zmq.ENOTSOCK))
+            self.queue.clear()
+            if self.loop is not None:
+                self.loop.remove_reader(self.fd)
+                self.loop = None
+            return
+        plain, queue = self.plain, self.queue
+        events = _get(plain, _EVENTS)
+        while queue and events & _POLLOUT:
+            frames, copy, sent = queue[0]
+            if sent.done():  # its sender was cancelled
+                queue.popleft()
+                continue
+            try:
+                if not _send_now(plain, frames, copy):
+                    break
+            except zmq.ZMQError as e:  # e.g. a ROUTER's peer went away: that send fails, the rest go on
+                sent.set_exception(e)
+            else:
+                sent.set_result(None)
+            queue.popleft()
+            events = _get(plain, _EVENTS)
+        if events & _POLLIN:
+            for arrived in self.readers:
+                if not arrived.done():
+                    arrived.set_result(None)
 
 
 # The hot calls go to pyzmq's compiled socket with plain ints: its Python layer converts every flag and
 # option to an enum (measured: 6 enum constructions per message received and sent).
 _get, _recv, _send = zmq.backend.Socket.get, zmq.backend.Socket.recv, zmq.backend.Socket.send
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 def _send_now(plain: Any, frames: list, copy: bool) -> bool:
@@ -223,35 +301,65 @@ def _fast(sock: Any) -> _Fast | None:
     return fast
 
 
-async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
-    """Send one message; `envelope` is the routing identity when sending from a ROUTER."""
+def _frames(msg: Any, envelope: tuple[bytes, ...]) -> tuple[list, bool]:
     frames = [*envelope, *codec.encode(msg)]
     # zero-copy pays only for big raw buffers; small frames are cheaper to copy (measured: ~20% per send)
-    copy = len(frames) - len(envelope) == 2
+    return frames, len(frames) - len(envelope) == 2
+
+
+async def send(sock: Any, msg: Any, envelope: tuple[bytes, ...] = ()) -> None:
+    """Send one message, waiting while ZeroMQ has no room; `envelope` is the routing identity when
+    sending from a ROUTER."""
+    frames, copy = _frames(msg, envelope)
     fast = _fast(sock)
-    if fast is None:
+    if fast is None or not fast.solo(sock):
         await sock.send_multipart(frames, copy=copy)
+    elif not fast.send(frames, copy):
+        await fast.send_later(frames, copy)
+
+
+def try_send(sock: Any, frames: list) -> bool:
+    """Queue raw frames in ZeroMQ now, or return False when it has no room (nothing is sent). Errors
+    such as a ROUTER's EHOSTUNREACH (ROUTER_MANDATORY: the peer is gone) are raised."""
+    fast = _fast(sock)
+    if fast is not None and fast.solo(sock):
+        return fast.send(frames, True)
+    future = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    error = future.exception() if future.done() else None
+    if isinstance(error, zmq.Again):
+        return False
+    if error is not None:
+        raise error
+    return True
+
+
+def send_soon(sock: Any, msg: Any) -> None:
+    """Send without waiting for it: now if ZeroMQ has room, else as soon as it has (a send that must not
+    wait, e.g. from a generator's cleanup)."""
+    frames, copy = _frames(msg, ())
+    fast = _fast(sock)
+    if fast is not None and fast.solo(sock) and fast.send(frames, copy):
         return
-    if fast.sends and not fast.pending and _send_now(fast.plain, frames, copy):
-        return
-    fast.pending += 1
     try:
-        await sock.send_multipart(frames, copy=copy)
-    finally:
-        fast.pending -= 1
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs (a finalizer at shutdown): pyzmq's socket sends on its own
+        sock.send_multipart(frames, copy=copy)
+        return
+    if fast is not None and fast.solo(sock):
+        asyncio.ensure_future(fast.send_later(frames, copy))
+    else:
+        sock.send_multipart(frames, copy=copy)
 
 
 async def _recv_frames(sock: Any) -> list:
     fast = _fast(sock)
-    # A PULL socket is read here alone, unless pyzmq's own futures already watch it (a caller awaited
-    # its recv or poll): then they do the waiting, as the descriptor can have one watcher.
-    if fast is not None and fast.receives and sock._current_loop is None:
-        while True:
-            frames = fast.take()
-            if frames is not None:
-                return frames
-            await fast.readable()
-    return await sock.recv_multipart(copy=False)
+    if fast is None or not fast.solo(sock):
+        return await sock.recv_multipart(copy=False)
+    while True:
+        frames = fast.take()
+        if frames is not None:
+            return frames
+        await fast.readable()
 
 
 async def recv(sock: Any, expected: type | tuple[type, ...] | None = None) -> Any:

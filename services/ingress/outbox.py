@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import zmq
 
-from common import codec
+from common import codec, sockets
 
 FINAL_TYPES = (9, 10)  # FinishEvent, ErrorEvent (docs/PROTOCOL.md)
 
@@ -82,15 +82,12 @@ class ClientOutbox:
         self.counters["client_events_queued"] += 1
 
     def _try(self, frames: list[bytes]) -> str:
-        future = self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        error = future.exception() if future.done() else None
-        if error is None:
-            return "sent"
-        if isinstance(error, zmq.Again):
-            return "full"
-        if isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
-            return "gone"
-        raise error
+        try:
+            return "sent" if sockets.try_send(self.sock, frames) else "full"
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return "gone"
+            raise
 
     def _gone(self, identity: bytes) -> None:
         self.backlog.pop(identity, None)

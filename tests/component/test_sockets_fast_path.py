@@ -29,6 +29,7 @@ async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader():
             got = await asyncio.wait_for(reader, 2)
             assert got == Ready("reply", -1)
             await asyncio.wait_for(sockets.recv_routed(router), 5)
+        assert sockets._fast(dealer).solo(dealer) and sockets._fast(router).solo(router)  # the direct path ran
     finally:
         for sock in (dealer, router):
             sock.close(linger=0)
@@ -44,7 +45,7 @@ async def test_push_and_pull_take_the_direct_path_and_keep_order():
             await sockets.send(push, Ready("worker", k))
         got = [await asyncio.wait_for(sockets.recv(pull), 5) for _ in range(200)]
         assert [m.stage for m in got] == list(range(200))
-        assert sockets._fast(push).sends and sockets._fast(pull).receives
+        assert sockets._fast(push).solo(push) and sockets._fast(pull).solo(pull)  # pyzmq's futures never ran
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
@@ -111,6 +112,59 @@ async def test_a_pull_socket_that_pyzmq_already_watches_is_read_through_its_futu
             await asyncio.sleep(0.005)
             await sockets.send(push, Ready("worker", k))
             assert (await asyncio.wait_for(reader, 2)).stage == k
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+def _narrow_pair(ctx: zmq.asyncio.Context) -> tuple:
+    """A PUSH/PULL pair that holds only a few messages in flight (inproc: no kernel buffer between them)."""
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.bind(f"inproc://narrow-{id(ctx)}")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 1)
+    push.connect(sockets.bound_address(pull))
+    return push, pull
+
+
+async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends():
+    ctx = zmq.asyncio.Context()
+    push, pull = _narrow_pair(ctx)
+    try:
+        senders = [asyncio.ensure_future(sockets.send(push, Ready("worker", k))) for k in range(300)]
+        await asyncio.sleep(0.05)
+        fast = sockets._fast(push)
+        assert fast.queue  # the pipe is full: sends wait
+        got = [(await asyncio.wait_for(sockets.recv(pull), 5)).stage for _ in range(300)]
+        assert got == list(range(300))
+        await asyncio.wait_for(asyncio.gather(*senders), 5)
+        assert not fast.queue and fast.loop is None and fast.solo(push)
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_a_send_cancelled_while_it_waits_is_never_sent():
+    ctx = zmq.asyncio.Context()
+    push, pull = _narrow_pair(ctx)
+    try:
+        k = 0
+        while sockets._fast(push).send(*sockets._frames(Ready("worker", k), ())):  # fill the pipe
+            k += 1
+        cancelled = asyncio.ensure_future(sockets.send(push, Ready("worker", -7)))
+        await asyncio.sleep(0.02)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        after = asyncio.ensure_future(sockets.send(push, Ready("worker", k)))
+        got = [(await asyncio.wait_for(sockets.recv(pull), 5)).stage for _ in range(k + 1)]
+        await asyncio.wait_for(after, 5)
+        assert got == list(range(k + 1))  # everything but the cancelled one, in order
+        assert not await pull.poll(timeout=50, flags=zmq.POLLIN)
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
