@@ -71,7 +71,12 @@ async def one_run(batch: int, policy: str, iterations: int, profile: str = "") -
     scheduler = Scheduler(build_core(config.scheduler, 1, tuple(spec.eos_token_ids), send_run_order=False), 1,
                           None, to_kv, to_ingress, epoch=1)
     kv = KVCacheManager(Planner.from_config(config), None, kv_to_stage0, kv_to_scheduler)
-    scheduler.core.set_capacity(kv.capacity())
+    capacity = kv.capacity()
+    per_job = -(-(PROMPT_LEN + iterations + 8) // capacity.block_size)
+    if batch * per_job > capacity.device_blocks:
+        raise SystemExit(f"{batch} jobs of {PROMPT_LEN + iterations + 8} tokens need {batch * per_job} KV blocks, the "
+                         f"tiny model's pool has {capacity.device_blocks}: fewer --iterations or a smaller batch")
+    scheduler.core.set_capacity(capacity)
     scheduler.stack_ready = True
     core = IngressCore(Limits.from_config(config, spec), load_tokenizer("tiny"), first_job_id=1)
     core.ready = True

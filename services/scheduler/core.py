@@ -194,41 +194,50 @@ class SchedulerCore:
             return None
         batch_id = self.next_batch_id
         self.next_batch_id += 1
-        in_flight = list(self.busy)  # before this batch's jobs join it
-        entries, busy = self.entries, self.busy
-        job_ids = [job.job_id for job in picked]
-        context = [job.num_computed for job in picked]
-        new = [job.prompt_len + job.num_generated - job.num_computed for job in picked]  # num_new_tokens
-        steps = [job.num_generated for job in picked]
-        carry_from: list[int] = []
-        if busy and self.overlap:
-            # A carried job's batch in flight computes 1 token and samples 1: this batch computes the
-            # sampled one, which stage 0 takes from the last stage (carry_from names the batch).
-            carry_from = [-1] * len(picked)
-            for row, job_id in enumerate(job_ids):
-                if job_id in busy:
-                    carry_from[row] = self.last_batch[job_id][0]
-                    context[row] += 1
-                    steps[row] += 1
-            carried = sum(b >= 0 for b in carry_from)
-            self.counters.carried += carried
-            if not carried:
-                carry_from = []
-        columns = zip(*[entries[job_id].row for job_id in job_ids]) if job_ids else [()] * 5
-        temperature, top_k, top_p, seed, logprobs = (list(c) for c in columns)
-        sampling = BatchSampling(temperature, top_k, top_p, seed, steps, logprobs)
-        inputs = None
-        if self.keep_tokens:
-            carried_ids = set(j for j, b in zip(job_ids, carry_from) if b >= 0)
-            inputs = np.fromiter((t for job_id, c, n in zip(job_ids, context, new)
-                                  for t in (entries[job_id].tokens[c : c + n] if job_id not in carried_ids else (0,))),
-                                 np.int64, sum(new))
-        running = JobStatus.RUNNING
+        entries, busy, last_batch = self.entries, self.busy, self.last_batch
+        in_flight = list(busy)  # before this batch's jobs join it
+        # One pass builds every column: this runs each iteration for every job of the batch.
+        carries = self.overlap and bool(busy)
+        job_ids, context, new, steps, carry_from = [], [], [], [], []
+        temperature, top_k, top_p, seed, logprobs = [], [], [], [], []
+        keep, inputs_list = self.keep_tokens, []
+        carried, running = 0, JobStatus.RUNNING
         for job in picked:
+            job_id, computed, generated = job.job_id, job.num_computed, job.num_generated
+            n = job.prompt_len + generated - computed  # num_new_tokens
+            entry = entries[job_id]
+            if carries and job_id in busy:
+                # A carried job's batch in flight computes 1 token and samples 1: this batch computes the
+                # sampled one, which stage 0 takes from the last stage (carry_from names the batch).
+                carry_from.append(last_batch[job_id][0])
+                computed += 1
+                generated += 1
+                carried += 1
+                if keep:
+                    inputs_list.append(0)  # a placeholder: stage 0 fills in the carried token
+            else:
+                carry_from.append(-1)
+                if keep:
+                    inputs_list += entry.tokens[computed : computed + n]
+            job_ids.append(job_id)
+            context.append(computed)
+            new.append(n)
+            steps.append(generated)
+            t, k, p, sd, lp = entry.row
+            temperature.append(t)
+            top_k.append(k)
+            top_p.append(p)
+            seed.append(sd)
+            logprobs.append(lp)
             job.status = running
-        for job_id, n in zip(job_ids, new):
             busy[job_id] = busy.get(job_id, 0) + 1
-            self.last_batch[job_id] = (batch_id, n)
+            last_batch[job_id] = (batch_id, n)
+        if carried:
+            self.counters.carried += carried
+        else:
+            carry_from = []
+        sampling = BatchSampling(temperature, top_k, top_p, seed, steps, logprobs)
+        inputs = np.array(inputs_list, dtype=np.int64) if keep else None
         self._count_preemptions(set(job_ids))
         step = Step(
             batch_id=batch_id,
@@ -359,8 +368,14 @@ class SchedulerCore:
         flight = self.in_flight.pop(msg.batch_id, None)
         if flight is None:
             return []
-        for job_id in flight.job_ids:
-            self._busy_done(job_id)
+        busy, last_batch = self.busy, self.last_batch
+        for job_id in flight.job_ids:  # _busy_done, inlined: it runs for every job of every batch
+            count = busy.get(job_id, 0) - 1
+            if count > 0:
+                busy[job_id] = count
+            else:
+                busy.pop(job_id, None)
+                last_batch.pop(job_id, None)
         if msg.error:  # a stage failed on this batch: its jobs end with `internal`, the rest go on
             events = []
             for job_id in flight.job_ids:
@@ -371,26 +386,46 @@ class SchedulerCore:
                     events.append(JobEvent(job_id, [], "error", "internal", msg.error))
             self._release_ended(flight)  # jobs cancelled while in this batch
             return events
-        self.counters.iterations += 1
-        self.counters.compute_s += msg.compute_s
-        events = self._fail_sampling(msg, flight, now)
-        ran, entries, new_tokens, ended = [], self.entries, flight.new_tokens, False
-        for job_id, token in zip(msg.job_ids, msg.token_ids):
+        counters = self.counters
+        counters.iterations += 1
+        counters.compute_s += msg.compute_s
+        events = self._fail_sampling(msg, flight, now) if msg.failed_job_ids else []
+        entries, new_tokens, finished = self.entries, flight.new_tokens, JobStatus.FINISHED
+        ran, live, ended = 0, [], False  # jobs that ran; those of them that go on
+        for job_id, token in zip(msg.job_ids, msg.token_ids):  # every job of every batch: kept inline
             entry = entries.get(job_id)
             if entry is None:
                 continue  # cancelled while in flight, or its sampling failed
-            ran.append(entry.job)
-            event = self._advance(entry, new_tokens.get(job_id, 0), token, now)
-            ended = ended or bool(event.finish_reason)
-            events.append(event)
+            ran += 1
+            job = entry.job
+            job.num_computed += new_tokens.get(job_id, 0)
+            job.num_generated += 1
+            if job.first_token_s is None:
+                job.first_token_s = now
+            if entry.tokens is not None:
+                entry.tokens.append(token)  # the input of the next iteration, or of a recompute
+            if token in entry.stop_ids:
+                reason = "stop"
+            elif job.num_generated >= job.max_tokens:
+                reason = "length"
+            else:
+                live.append(job)
+                events.append(JobEvent(job_id, [token], "", "", ""))
+                continue
+            self._end(entry, finished, now)
+            counters.finished += 1
+            ended = True
+            events.append(JobEvent(job_id, [token], reason, "", ""))
+        counters.tokens += ran
         if msg.logprobs:
             rows = {job_id: row for row, job_id in enumerate(msg.job_ids)}
             events = [e.with_logprobs(msg.logprobs_of(rows[e.job_id])) if e.job_id in rows and not e.error_code else e
                       for e in events]
         if ran:  # the policy sees the jobs as the iteration left them; those that ended are gone from it
             iteration_s = msg.compute_s if msg.compute_s > 0 else now - flight.sent_s
-            self.policy.update([job for job in ran if job.status < JobStatus.FINISHED], iteration_s, now)
-        self._release_ended(flight)
+            self.policy.update(live, iteration_s, now)
+        if self.ended_in_flight:
+            self._release_ended(flight)
         # A finished job frees memory: held jobs may fit now. An iteration that ran nothing while no
         # other batch or copy is pending cannot be followed by any memory event, so retry then too.
         self._retry_held(stalled=not msg.job_ids, memory_changed=ended or bool(msg.failed_job_ids))
@@ -406,25 +441,6 @@ class SchedulerCore:
                 self.counters.failed += 1
                 events.append(JobEvent(job_id, [], "error", "internal", msg.failure or "sampling failed"))
         return events
-
-    def _advance(self, entry: Entry, computed: int, token: int, now: float) -> JobEvent:
-        job = entry.job
-        job.num_computed += computed
-        job.num_generated += 1
-        self.counters.tokens += 1
-        if job.first_token_s is None:
-            job.first_token_s = now
-        reason = ""
-        if token in entry.stop_ids:
-            reason = "stop"
-        elif job.num_generated >= job.max_tokens:
-            reason = "length"
-        if entry.tokens is not None:
-            entry.tokens.append(token)  # the input of the next iteration, or of a recompute
-        if reason:
-            self._end(entry, JobStatus.FINISHED, now)
-            self.counters.finished += 1
-        return JobEvent(job.job_id, [token], reason, "", "")
 
     def _end(self, entry: Entry, status: JobStatus, now: float) -> None:
         job = entry.job
