@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -13,8 +14,20 @@ from common import sockets
 from common.messages import BatchSampling, Ready, StageBatch
 
 
-async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader():
-    ctx = zmq.asyncio.Context()
+@pytest.fixture(params=[zmq.asyncio.Context, sockets.Context], ids=["pyzmq-context", "fastserve-context"])
+def Context(request):
+    """pyzmq's asyncio context (its descriptor watched only while someone waits) and this project's own
+    (its sockets' descriptors stay watched until they close)."""
+    return request.param
+
+
+def _idle_watch(fast: sockets._Fast, loop: asyncio.AbstractEventLoop) -> bool:
+    """With nobody waiting, the descriptor is watched exactly when the socket keeps its watch."""
+    return fast.loop is (loop if fast.permanent else None)
+
+
+async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader(Context):
+    ctx = Context()
     router = sockets.bind_router(ctx, "tcp://127.0.0.1:*")
     dealer = sockets.connect_dealer(ctx, sockets.bound_address(router))
     try:
@@ -36,8 +49,8 @@ async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader():
         ctx.term()
 
 
-async def test_push_and_pull_take_the_direct_path_and_keep_order():
-    ctx = zmq.asyncio.Context()
+async def test_push_and_pull_take_the_direct_path_and_keep_order(Context):
+    ctx = Context()
     pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
     push = sockets.connect_push(ctx, sockets.bound_address(pull))
     try:
@@ -58,8 +71,8 @@ def _stage_batch(k: int) -> StageBatch:
                       np.arange(k, k + 3, dtype=np.int64), None, 0.0)
 
 
-async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_message():
-    ctx = zmq.asyncio.Context()
+async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_message(Context):
+    ctx = Context()
     pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
     push = sockets.connect_push(ctx, sockets.bound_address(pull))
     loop = asyncio.get_running_loop()
@@ -75,15 +88,15 @@ async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_messag
             await sockets.send(push, _stage_batch(k))
         got = [await asyncio.wait_for(sockets.recv(pull), 2) for _ in range(50)]
         assert [m.batch_id for m in got] == list(range(50))
-        assert loop.remove_reader(sockets._fast(pull).fd) is False  # nobody waits: nothing watches the socket
+        assert _idle_watch(sockets._fast(pull), loop)
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
         ctx.term()
 
 
-async def test_a_cancelled_receive_stops_watching_the_socket():
-    ctx = zmq.asyncio.Context()
+async def test_a_cancelled_receive_stops_watching_the_socket(Context):
+    ctx = Context()
     pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
     push = sockets.connect_push(ctx, sockets.bound_address(pull))
     loop = asyncio.get_running_loop()
@@ -92,7 +105,7 @@ async def test_a_cancelled_receive_stops_watching_the_socket():
         await asyncio.sleep(0.01)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        assert loop.remove_reader(sockets._fast(pull).fd) is False
+        assert _idle_watch(sockets._fast(pull), loop)
         await sockets.send(push, Ready("worker", 7))  # the next receive still gets what comes
         assert (await asyncio.wait_for(sockets.recv(pull), 2)).stage == 7
     finally:
@@ -101,8 +114,8 @@ async def test_a_cancelled_receive_stops_watching_the_socket():
         ctx.term()
 
 
-async def test_a_pull_socket_that_pyzmq_already_watches_is_read_through_its_futures():
-    ctx = zmq.asyncio.Context()
+async def test_a_pull_socket_that_pyzmq_already_watches_is_read_through_its_futures(Context):
+    ctx = Context()
     pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
     push = sockets.connect_push(ctx, sockets.bound_address(pull))
     try:
@@ -131,8 +144,8 @@ def _narrow_pair(ctx: zmq.asyncio.Context) -> tuple:
     return push, pull
 
 
-async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends():
-    ctx = zmq.asyncio.Context()
+async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends(Context):
+    ctx = Context()
     push, pull = _narrow_pair(ctx)
     try:
         senders = [asyncio.ensure_future(sockets.send(push, Ready("worker", k))) for k in range(300)]
@@ -142,15 +155,15 @@ async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends():
         got = [(await asyncio.wait_for(sockets.recv(pull), 5)).stage for _ in range(300)]
         assert got == list(range(300))
         await asyncio.wait_for(asyncio.gather(*senders), 5)
-        assert not fast.queue and fast.loop is None and fast.solo(push)
+        assert not fast.queue and _idle_watch(fast, asyncio.get_running_loop()) and fast.solo(push)
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
         ctx.term()
 
 
-async def test_a_send_cancelled_while_it_waits_is_never_sent():
-    ctx = zmq.asyncio.Context()
+async def test_a_send_cancelled_while_it_waits_is_never_sent(Context):
+    ctx = Context()
     push, pull = _narrow_pair(ctx)
     try:
         k = 0
@@ -165,6 +178,29 @@ async def test_a_send_cancelled_while_it_waits_is_never_sent():
         await asyncio.wait_for(after, 5)
         assert got == list(range(k + 1))  # everything but the cancelled one, in order
         assert not await pull.poll(timeout=50, flags=zmq.POLLIN)
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+async def test_closing_a_socket_ends_its_watch_and_fails_its_waiting_reader():
+    ctx = sockets.Context()
+    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
+    push = sockets.connect_push(ctx, sockets.bound_address(pull))
+    loop = asyncio.get_running_loop()
+    try:
+        await sockets.send(push, Ready("worker", 1))
+        assert (await asyncio.wait_for(sockets.recv(pull), 2)).stage == 1
+        fast = sockets._fast(pull)
+        assert fast.permanent and fast.loop is loop  # kept between waits
+        reader = asyncio.ensure_future(sockets.recv(pull))
+        await asyncio.sleep(0.01)
+        pull.close(linger=0)
+        with pytest.raises(zmq.ZMQError) as failed:
+            await asyncio.wait_for(reader, 2)
+        assert failed.value.errno == zmq.ENOTSOCK
+        assert fast.loop is None and not fast.readers
     finally:
         for sock in (push, pull):
             sock.close(linger=0)
