@@ -48,6 +48,11 @@ class HFTokenizer:
             raise ModelError(f"{file} is not a readable tokenizer.json: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self) -> object:
+        """The `tokenizers.Tokenizer` itself (its DecodeStream detokenizes a stream token by token)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True).ids)
 

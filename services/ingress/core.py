@@ -20,7 +20,7 @@ from common.protocol import (
     StatsReply,
     TokenEvent,
 )
-from services.ingress.detok import IncrementalDetokenizer
+from services.ingress.detok import Detokenizer, detokenizer
 from common.stops import StopMatcher
 from services.ingress.validate import Limits, Rejected, Tokenizer, check, output_limit, prompt_ids
 
@@ -45,7 +45,7 @@ class _Request:
     batch: bool  # its TokenEvents may go in TokenEvents (Generate.batch_events)
     prompt_tokens: int
     kv_blocks: int  # its KV at its worst (prompt + max_tokens), held against the admission budget
-    detok: IncrementalDetokenizer | None
+    detok: Detokenizer | None
     stops: StopMatcher | None  # None: the request has no stop strings
     token_ids: list[int] = field(default_factory=list)  # generated, not yet sent to the client
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of token_ids, when the request asked
@@ -118,7 +118,7 @@ class IngressCore:
             return [self._reject(identity, request_id, e.code, e.message)]
         job_id = self._next_job
         self._next_job += 1
-        detok = IncrementalDetokenizer(self.tokenizer.decode) if self.tokenizer is not None else None
+        detok = detokenizer(self.tokenizer)
         stops = StopMatcher(req.stop) if req.stop else None
         self.jobs[job_id] = _Request(identity, request_id, req.stream, req.batch_events, len(ids), kv_blocks, detok, stops)
         self.kv_reserved += kv_blocks
