@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +21,31 @@ def Context(request):
     """pyzmq's asyncio context (its descriptor watched only while someone waits) and this project's own
     (its sockets' descriptors stay watched until they close)."""
     return request.param
+
+
+@contextlib.contextmanager
+def _pair(Context: type, narrow: bool = False) -> Iterator[tuple]:
+    """A connected PUSH and PULL, closed afterwards. Narrow: inproc (no kernel buffer between them)
+    with high-water marks of 1, so only a few messages fit in flight."""
+    ctx = Context()
+    if narrow:
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 1)
+        pull.bind(f"inproc://narrow-{id(ctx)}")
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 1)
+        push.connect(sockets.bound_address(pull))
+    else:
+        pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
+        push = sockets.connect_push(ctx, sockets.bound_address(pull))
+    try:
+        yield push, pull
+    finally:
+        for sock in (push, pull):
+            sock.close(linger=0)
+        ctx.term()
 
 
 def _idle_watch(fast: sockets._Fast, loop: asyncio.AbstractEventLoop) -> bool:
@@ -50,19 +77,12 @@ async def test_a_send_on_a_dealer_never_swallows_the_wakeup_of_its_reader(Contex
 
 
 async def test_push_and_pull_take_the_direct_path_and_keep_order(Context):
-    ctx = Context()
-    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    push = sockets.connect_push(ctx, sockets.bound_address(pull))
-    try:
+    with _pair(Context) as (push, pull):
         for k in range(200):
             await sockets.send(push, Ready("worker", k))
         got = [await asyncio.wait_for(sockets.recv(pull), 5) for _ in range(200)]
         assert [m.stage for m in got] == list(range(200))
         assert sockets._fast(push).solo(push) and sockets._fast(pull).solo(pull)  # pyzmq's futures never ran
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
 
 
 def _stage_batch(k: int) -> StageBatch:
@@ -72,11 +92,8 @@ def _stage_batch(k: int) -> StageBatch:
 
 
 async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_message(Context):
-    ctx = Context()
-    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    push = sockets.connect_push(ctx, sockets.bound_address(pull))
     loop = asyncio.get_running_loop()
-    try:
+    with _pair(Context) as (push, pull):
         for k in range(30):
             reader = asyncio.ensure_future(sockets.recv(pull))
             await asyncio.sleep(0.005)  # the reader is asleep: nothing is queued
@@ -89,18 +106,11 @@ async def test_a_pull_socket_sleeps_on_its_descriptor_and_wakes_for_every_messag
         got = [await asyncio.wait_for(sockets.recv(pull), 2) for _ in range(50)]
         assert [m.batch_id for m in got] == list(range(50))
         assert _idle_watch(sockets._fast(pull), loop)
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
 
 
 async def test_a_cancelled_receive_stops_watching_the_socket(Context):
-    ctx = Context()
-    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    push = sockets.connect_push(ctx, sockets.bound_address(pull))
     loop = asyncio.get_running_loop()
-    try:
+    with _pair(Context) as (push, pull):
         reader = asyncio.ensure_future(sockets.recv(pull))
         await asyncio.sleep(0.01)
         reader.cancel()
@@ -108,46 +118,20 @@ async def test_a_cancelled_receive_stops_watching_the_socket(Context):
         assert _idle_watch(sockets._fast(pull), loop)
         await sockets.send(push, Ready("worker", 7))  # the next receive still gets what comes
         assert (await asyncio.wait_for(sockets.recv(pull), 2)).stage == 7
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
 
 
 async def test_a_pull_socket_that_pyzmq_already_watches_is_read_through_its_futures(Context):
-    ctx = Context()
-    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    push = sockets.connect_push(ctx, sockets.bound_address(pull))
-    try:
+    with _pair(Context) as (push, pull):
         assert not await pull.poll(timeout=20, flags=zmq.POLLIN)  # pyzmq now watches the descriptor
         for k in range(5):
             reader = asyncio.ensure_future(sockets.recv(pull))
             await asyncio.sleep(0.005)
             await sockets.send(push, Ready("worker", k))
             assert (await asyncio.wait_for(reader, 2)).stage == k
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
-
-
-def _narrow_pair(ctx: zmq.asyncio.Context) -> tuple:
-    """A PUSH/PULL pair that holds only a few messages in flight (inproc: no kernel buffer between them)."""
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.setsockopt(zmq.RCVHWM, 1)
-    pull.bind(f"inproc://narrow-{id(ctx)}")
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.SNDHWM, 1)
-    push.connect(sockets.bound_address(pull))
-    return push, pull
 
 
 async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends(Context):
-    ctx = Context()
-    push, pull = _narrow_pair(ctx)
-    try:
+    with _pair(Context, narrow=True) as (push, pull):
         senders = [asyncio.ensure_future(sockets.send(push, Ready("worker", k))) for k in range(300)]
         await asyncio.sleep(0.05)
         fast = sockets._fast(push)
@@ -156,16 +140,10 @@ async def test_sends_that_wait_for_room_go_out_in_order_and_the_watch_ends(Conte
         assert got == list(range(300))
         await asyncio.wait_for(asyncio.gather(*senders), 5)
         assert not fast.queue and _idle_watch(fast, asyncio.get_running_loop()) and fast.solo(push)
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
 
 
 async def test_a_send_cancelled_while_it_waits_is_never_sent(Context):
-    ctx = Context()
-    push, pull = _narrow_pair(ctx)
-    try:
+    with _pair(Context, narrow=True) as (push, pull):
         k = 0
         while sockets._fast(push).send(*sockets._frames(Ready("worker", k), ())):  # fill the pipe
             k += 1
@@ -178,18 +156,11 @@ async def test_a_send_cancelled_while_it_waits_is_never_sent(Context):
         await asyncio.wait_for(after, 5)
         assert got == list(range(k + 1))  # everything but the cancelled one, in order
         assert not await pull.poll(timeout=50, flags=zmq.POLLIN)
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
 
 
 async def test_closing_a_socket_ends_its_watch_and_fails_its_waiting_reader():
-    ctx = sockets.Context()
-    pull = sockets.bind_inbox(ctx, "tcp://127.0.0.1:*")
-    push = sockets.connect_push(ctx, sockets.bound_address(pull))
     loop = asyncio.get_running_loop()
-    try:
+    with _pair(sockets.Context) as (push, pull):
         await sockets.send(push, Ready("worker", 1))
         assert (await asyncio.wait_for(sockets.recv(pull), 2)).stage == 1
         fast = sockets._fast(pull)
@@ -201,7 +172,3 @@ async def test_closing_a_socket_ends_its_watch_and_fails_its_waiting_reader():
             await asyncio.wait_for(reader, 2)
         assert failed.value.errno == zmq.ENOTSOCK
         assert fast.loop is None and not fast.readers
-    finally:
-        for sock in (push, pull):
-            sock.close(linger=0)
-        ctx.term()
