@@ -167,7 +167,7 @@ def connect_dealer(ctx: zmq.Context, address: str, keys: curve.ClientKeys | None
 # queued (in a live process, nearly every one) that is an Again exception, an io-state add and drop
 # and several enum constructions. Here a message that can go out (or is already in) is sent (received)
 # at once on a plain twin sharing the socket's handle, with plain int flags on pyzmq's compiled socket;
-# only a call that would block waits, on the socket's descriptor, watched while someone waits.
+# only a call that would block waits, on the socket's descriptor (_Fast says how long it stays watched).
 #
 # ZeroMQ's descriptor is edge-triggered: it signals that the socket's state may have changed, and any
 # call on the socket may consume that signal (the call takes in the socket's pending commands). So
@@ -213,7 +213,7 @@ class _Fast:
         while frame.more:  # the rest of a multipart message is there once its first part is
             frame = _recv(plain, _NOBLOCK, False)
             frames.append(frame)
-        if self.loop is not None:
+        if self.queue or self.readers:
             self._on_fd()  # the receive may have taken in the room a queued send waits for
         return frames
 
@@ -221,7 +221,7 @@ class _Fast:
         """Queue a message now if nothing waits before it and ZeroMQ has room; False when it has not."""
         if self.queue or not _send_now(self.plain, frames, copy):
             return False
-        if self.loop is not None:
+        if self.readers or self.queue:
             self._on_fd()  # the send may have taken in the arrival a reader waits for
         return True
 
