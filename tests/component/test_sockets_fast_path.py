@@ -172,3 +172,30 @@ async def test_closing_a_socket_ends_its_watch_and_fails_its_waiting_reader():
             await asyncio.wait_for(reader, 2)
         assert failed.value.errno == zmq.ENOTSOCK
         assert fast.loop is None and not fast.readers
+
+
+async def test_a_watched_socket_left_idle_does_not_spin_the_loop():
+    """The kept watch is level-triggered: were the descriptor left readable, the loop would call back
+    without end. Reading ZMQ_EVENTS in the callback resets it, so an idle watched socket costs nothing."""
+    ctx = sockets.Context()
+    router = sockets.bind_router(ctx, "tcp://127.0.0.1:*")
+    dealer = sockets.connect_dealer(ctx, sockets.bound_address(router))
+    try:
+        reader = asyncio.ensure_future(sockets.recv(dealer))  # the client's reader, always waiting
+        for k in range(20):
+            await sockets.send(dealer, Ready("client", k))
+            identity, _, _ = await asyncio.wait_for(sockets.recv_routed(router), 5)
+            await asyncio.sleep(0.002)
+        await sockets.send(router, Ready("reply", -1), envelope=(identity,))
+        assert await asyncio.wait_for(reader, 5) == Ready("reply", -1)
+        reader = asyncio.ensure_future(sockets.recv(dealer))
+        assert sockets._fast(dealer).loop is not None and sockets._fast(router).loop is not None
+        start = time.process_time()
+        await asyncio.sleep(0.5)
+        assert time.process_time() - start < 0.1  # a spinning loop would take about the whole 0.5 s
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        for sock in (dealer, router):
+            sock.close(linger=0)
+        ctx.term()
