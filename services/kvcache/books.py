@@ -130,6 +130,16 @@ class KVBooks:
         return max(0, self.blocks_for(num_tokens) - held)
 
     # ---- transitions ---------------------------------------------------------------------------
+    def grow_within(self, job_id: JobId, num_tokens: int) -> tuple[int, ...] | None:
+        """A device-resident job's step that stays within its blocks (a decode step, most of them):
+        recorded, and its block table returned; None for any other step (nothing changes)."""
+        entry = self._jobs.get(job_id)
+        if entry is not None and entry.state is Residency.DEVICE and entry.num_tokens <= num_tokens \
+                and num_tokens <= len(entry.device) * self.block_size:
+            entry.num_tokens = num_tokens
+            return tuple(entry.device)
+        return None
+
     def grow(self, job_id: JobId, num_tokens: int) -> bool:
         """Give a new, dropped or device-side job blocks for num_tokens; False (nothing taken) if short."""
         entry = self._jobs.get(job_id)

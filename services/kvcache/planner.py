@@ -8,7 +8,7 @@ proactive upload still in flight when its job is picked (`upload_wait`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +122,9 @@ class Planner:
             else:
                 wanted[job_id] = context_len + n
         plan = self.plan(wanted, run_order, in_flight)
-        rows = tuple(i for i, job_id in enumerate(job_ids) if job_id in plan.block_tables)
+        tables = plan.block_tables
+        rows = tuple(range(len(job_ids))) if len(tables) == len(job_ids) else \
+            tuple(i for i, job_id in enumerate(job_ids) if job_id in tables)  # (ids are unique: every job runs)
         return StepPlan(rows, plan, (*stale, *plan.held), self.books.device.num_free, len(self.books.pending_ops()))
 
     def plan(
@@ -147,7 +149,7 @@ class Planner:
 
     def _proactive(self, step: _Step) -> None:
         books = self.books
-        for job, tokens in step.batch.items():
+        for job, tokens in self._undecided(step):
             state = books.state(job)
             if state in (None, Residency.DROPPED, Residency.DEVICE):
                 self._grow_or_hold(step, job, tokens)
@@ -171,7 +173,7 @@ class Planner:
 
     def _reactive(self, step: _Step) -> None:
         books = self.books
-        for job, tokens in step.batch.items():
+        for job, tokens in self._undecided(step):
             state = books.state(job)
             if state is Residency.HOST:
                 op = books.swap_in(job, tokens)
@@ -192,7 +194,7 @@ class Planner:
     def _recompute(self, step: _Step) -> None:
         books = self.books
         victims: list[JobId] | None = None  # found only when some job does not fit
-        for job, tokens in step.batch.items():
+        for job, tokens in self._undecided(step):
             if books.state(job) not in (None, Residency.DROPPED, Residency.DEVICE):
                 step.held.append(job)  # a host-side job cannot arise without swaps; never run it from here
                 continue
@@ -204,7 +206,7 @@ class Planner:
 
     def _defer(self, step: _Step) -> None:
         books = self.books
-        for job, tokens in step.batch.items():
+        for job, tokens in self._undecided(step):
             state = books.state(job)
             if state is Residency.DEVICE:
                 self._grow_or_hold(step, job, tokens)
@@ -264,6 +266,17 @@ class Planner:
             step.tables[first] = self.books.block_table(first)
 
     # ---- pieces --------------------------------------------------------------------------------
+    def _undecided(self, step: _Step) -> Iterator[tuple[JobId, int]]:
+        """The picked jobs each mode decides on. A device-resident job whose step stays within its
+        blocks (most jobs of most iterations) runs in every mode: it is recorded here at once."""
+        books, tables = self.books, step.tables
+        for job, tokens in step.batch.items():
+            table = books.grow_within(job, tokens)
+            if table is None:
+                yield job, tokens
+            else:
+                tables[job] = table
+
     def _grow_or_hold(self, step: _Step, job: JobId, tokens: int) -> None:
         if self.books.grow(job, tokens):
             step.tables[job] = self.books.block_table(job)
