@@ -370,17 +370,17 @@ def send_soon(sock: Any, msg: Any) -> None:
     wait, e.g. from a generator's cleanup)."""
     frames, copy = _frames(msg, ())
     fast = _fast(sock)
-    if fast is not None and fast.solo(sock) and fast.send(frames, copy):
+    if fast is None or not fast.solo(sock):
+        sock.send_multipart(frames, copy=copy)
+        return
+    if fast.send(frames, copy):
         return
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # no loop runs (a finalizer at shutdown): pyzmq's socket sends on its own
         sock.send_multipart(frames, copy=copy)
         return
-    if fast is not None and fast.solo(sock):
-        asyncio.ensure_future(fast.send_later(frames, copy))
-    else:
-        sock.send_multipart(frames, copy=copy)
+    asyncio.ensure_future(fast.send_later(frames, copy))
 
 
 async def _recv_frames(sock: Any) -> list:

@@ -29,11 +29,15 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         # a token stream may stop inside a multi-byte character: replace, never raise
+        return self.to_bytes(ids).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def to_bytes(ids: list[int]) -> bytes:
+        """The bytes the ids stand for; special ids (above 255) stand for none."""
         try:
-            raw = bytes(ids)
-        except ValueError:  # special ids (above 255) decode to nothing
-            raw = bytes(i for i in ids if 0 <= i < 256)
-        return raw.decode("utf-8", errors="replace")
+            return bytes(ids)
+        except ValueError:
+            return bytes(i for i in ids if 0 <= i < 256)
 
 
 class HFTokenizer:

@@ -84,11 +84,7 @@ class Utf8Stream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_ids: list[int]) -> str:
-        try:
-            raw = bytes(token_ids)
-        except ValueError:  # special ids (above 255) decode to nothing
-            raw = bytes(i for i in token_ids if 0 <= i < 256)
-        return self._decoder.decode(raw)
+        return self._decoder.decode(ByteTokenizer.to_bytes(token_ids))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

@@ -134,17 +134,19 @@ class KVBooks:
         """A device-resident job's step that stays within its blocks (a decode step, most of them):
         recorded, and its block table returned; None for any other step (nothing changes)."""
         entry = self._jobs.get(job_id)
-        if entry is not None and entry.state is Residency.DEVICE and entry.num_tokens <= num_tokens \
-                and num_tokens <= len(entry.device) * self.block_size:
+        if entry is not None and self._within(entry, num_tokens):
             entry.num_tokens = num_tokens
             return tuple(entry.device)
         return None
 
+    def _within(self, entry: JobBlocks, num_tokens: int) -> bool:
+        """A device-resident job growing to num_tokens inside the blocks it holds: no allocation."""
+        return entry.state is Residency.DEVICE and entry.num_tokens <= num_tokens <= len(entry.device) * self.block_size
+
     def grow(self, job_id: JobId, num_tokens: int) -> bool:
         """Give a new, dropped or device-side job blocks for num_tokens; False (nothing taken) if short."""
         entry = self._jobs.get(job_id)
-        if entry is not None and entry.state is Residency.DEVICE and entry.num_tokens <= num_tokens \
-                and num_tokens <= len(entry.device) * self.block_size:  # a decode step within its last block
+        if entry is not None and self._within(entry, num_tokens):  # a decode step within its last block
             entry.num_tokens = num_tokens
             return True
         if entry is None or entry.state is Residency.DROPPED:

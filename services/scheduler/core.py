@@ -289,14 +289,16 @@ class SchedulerCore:
         batch_id, new = self.last_batch[job_id]
         return new == 1 and job.num_generated + 1 < job.max_tokens and batch_id == self._oldest
 
-    def _busy_done(self, job_id: int) -> None:
-        """One in-flight batch of this job is over (returned, held back, or lost)."""
-        count = self.busy.get(job_id, 0) - 1
-        if count > 0:
-            self.busy[job_id] = count
-        else:
-            self.busy.pop(job_id, None)
-            self.last_batch.pop(job_id, None)
+    def _busy_done(self, job_ids: list[int]) -> None:
+        """One in-flight batch of each of these jobs is over (returned, held back, or lost)."""
+        busy, last_batch = self.busy, self.last_batch
+        for job_id in job_ids:
+            count = busy.get(job_id, 0) - 1
+            if count > 0:
+                busy[job_id] = count
+            else:
+                busy.pop(job_id, None)
+                last_batch.pop(job_id, None)
 
     def _count_preemptions(self, chosen: set[int]) -> None:
         """A job that ran and is in no batch now was preempted at this iteration boundary."""
@@ -321,7 +323,7 @@ class SchedulerCore:
             if job_id in flight.new_tokens:
                 flight.job_ids.remove(job_id)
                 del flight.new_tokens[job_id]
-                self._busy_done(job_id)
+                self._busy_done([job_id])
                 if job_id in self.busy and self.last_batch[job_id][0] == batch_id:
                     # the job's earlier batch is still in flight: it is the latest one again
                     self.last_batch[job_id] = (self._earlier_batch(job_id, batch_id), 1)
@@ -368,14 +370,7 @@ class SchedulerCore:
         flight = self.in_flight.pop(msg.batch_id, None)
         if flight is None:
             return []
-        busy, last_batch = self.busy, self.last_batch
-        for job_id in flight.job_ids:  # _busy_done, inlined: it runs for every job of every batch
-            count = busy.get(job_id, 0) - 1
-            if count > 0:
-                busy[job_id] = count
-            else:
-                busy.pop(job_id, None)
-                last_batch.pop(job_id, None)
+        self._busy_done(flight.job_ids)
         if msg.error:  # a stage failed on this batch: its jobs end with `internal`, the rest go on
             events = []
             for job_id in flight.job_ids:
