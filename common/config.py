@@ -87,6 +87,7 @@ class SchedulerConfig:
     service_share: str = "own"  # "own": a job is charged its share of an iteration; "iteration": all of it
     # "auto" (= "on"): overlapped scheduling with any number of stages; "off" (SCHEDULING.md)
     overlap: str = "auto"
+    iteration_log: str = ""  # append a JSON line per computed batch to this file (services/scheduler/iterlog.py)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:

@@ -26,6 +26,7 @@ from common.messages import (
     SubmitJob,
 )
 from services.scheduler.core import SchedulerCore, Step, StepOutput, overlaps
+from services.scheduler.iterlog import IterationLog
 from services.scheduler.policies import make_policy
 
 INBOX_TYPES = (SubmitJob, CancelJob, StatsRequest, Stats, BatchPlanned, BatchResult, KVChanged, KVCapacity, Ready, Exit,
@@ -58,6 +59,7 @@ class Scheduler:
         timeout_s: float = 3.0,
         beacon_to: tuple[str, ...] = (),
         control_token: str = "",
+        iteration_log: str = "",
     ) -> None:
         self.core = core
         self.num_stages = num_stages
@@ -80,6 +82,9 @@ class Scheduler:
         self.beacon = Beacon("scheduler", -1, self.epoch, list(beacon_to), heartbeat_s,
                              lambda: (self.stack_ready, self.changes))
         self.log = get_logger()
+        self.iterations = IterationLog(iteration_log, {"policy": core.policy.name, "stages": num_stages,
+                                                       "overlap": core.overlap, "epoch": self.epoch}) \
+            if iteration_log else None
         self.handlers = {
             SubmitJob: self.on_submit,
             CancelJob: self.on_cancel,
@@ -114,6 +119,7 @@ class Scheduler:
             timeout_s=config.liveness.timeout_s,
             beacon_to=(ep.ingress, ep.kvcache),
             control_token=ep.control_token,
+            iteration_log=config.scheduler.iteration_log,
         )
 
     async def run(self) -> None:
@@ -156,6 +162,9 @@ class Scheduler:
                 return
             batch = to_wire(step)
             await sockets.send(self.send_to_kvcache, batch)
+            if self.iterations is not None:
+                self.iterations.sent(step.batch_id, step.job_ids, step.num_new_tokens, step.context_lens, step.carry_from,
+                                     self.clock())
             self.log.debug("batch_sent", batch_id=batch.batch_id, jobs=len(batch.job_ids), t=time.time())
 
     async def emit(self, events: list[JobEvent]) -> None:
@@ -184,6 +193,8 @@ class Scheduler:
         self.log.debug("batch_result", batch_id=msg.batch_id, t=time.time())
         if msg.error:
             self.log.error("batch_failed", batch_id=msg.batch_id, error=msg.error)
+        if self.iterations is not None:
+            self.iterations.done(msg.batch_id, msg.job_ids, msg.compute_s, msg.error, self.clock())
         events = self.core.update(from_wire(msg), self.clock())
         await self.pump()  # the next batch goes out before the tokens: the pipeline never waits on clients
         await self.emit(events)
@@ -291,6 +302,8 @@ class Scheduler:
         await self.emit(self.core.fail_all("internal", f"{msg.role} {msg.stage} exited with {msg.code}", self.clock()))
 
     def close(self) -> None:
+        if self.iterations is not None:
+            self.iterations.close()
         for sock in (self.recv_inbox, self.send_to_kvcache, self.send_to_ingress, self.send_to_control):
             if sock is not None:
                 sock.close(linger=0)
