@@ -23,14 +23,16 @@ iteration it models, and the measurements themselves under "stack_measured".
 
     python -m bench.stack_cost --profile P.json --out P_stack.json --from-log ITERATIONS.jsonl [--policy NAME]
 
-fits the same section instead (the log may be gzipped) from what a stack did under real load: the batches it computed, as its
-scheduler recorded them (`scheduler.iteration_log`, services/scheduler/iterlog.py), for example during
-`fastserve loadtest --launch --set scheduler.iteration_log=FILE`. Each batch's time on the pipeline
-is what the simulator's model of it would need to match: with S stages a batch holds each stage for
-T / S, so T / S is the lesser of its time in the stack / S (from when it could start: sent, and the
-batches it carries tokens from back) and the time since the batch before it came back. Decode-only batches give the added time by jobs per batch (the mean of T minus the
-profile's decode time, in bins of batch size); batches with one prefill give the added time by
-prompt length (the mean of what is left beyond that and the profile's prefill).
+fits the same section instead (the log may be gzipped) from what a stack did under real load: the
+batches it computed, as its scheduler recorded them (`scheduler.iteration_log`,
+services/scheduler/iterlog.py), for example during `fastserve loadtest --launch --set
+scheduler.iteration_log=FILE`. Each batch's time on the pipeline is what the simulator's model of it
+would need to match: with S stages a batch holds each stage for T / S, so T / S is the lesser of its
+time in the stack / S (from when it could start: sent, and the batches it carries tokens from back)
+and the time since the batch before it came back. Decode-only batches give the added time by jobs
+per batch (the mean of T minus the profile's decode time, in bins of batch size); batches with one
+prefill give the added time by prompt length (the mean of what is left beyond that and the
+profile's prefill).
 """
 
 from __future__ import annotations
@@ -129,10 +131,10 @@ def read_log(path: str, policy: str = "") -> tuple[int, list[list[dict]]]:
 
 def pipeline_seconds(batches: list[dict], stages: int) -> list[float]:
     """Each batch's whole-pipeline time T as the simulator models it (T / stages on each stage, one
-    after another): T / stages is the lesser of its time in the stack from when it could start / stages
-    and the time since the batch before it came back, in the order they came back."""
+    after another), for batches in the order they came back: T / stages is the lesser of its time in
+    the stack from when it could start / stages and the time since the batch before it came back."""
     out, prev = [], None
-    for b in sorted(batches, key=lambda b: b["done"]):
+    for b in batches:
         per_stage = (b["done"] - b.get("ready", b["sent"])) / stages
         if prev is not None:
             per_stage = min(per_stage, b["done"] - prev)

@@ -8,9 +8,9 @@ line per scheduler start:
 
 `sent` is when the scheduler handed the batch to the KV manager, `ready` the later of that and the
 return of every batch whose sampled token this one carries (overlap: it cannot start before), and
-`done` when its result came back (the scheduler's monotonic clock, seconds); `compute_s` is the workers' own forward time over all
-stages; `new` and `ctx` are, per job that ran, its new tokens and the tokens already in its KV cache
-(0 for a prefill). `python -m bench.stack_cost --from-log` reads it (docs/SIMULATOR.md).
+`done` when its result came back (the scheduler's monotonic clock, seconds); `compute_s` is the
+workers' own forward time over all stages; `new` and `ctx` are, per job that ran, its new tokens and
+the tokens already in its KV cache (0 for a prefill). `python -m bench.stack_cost --from-log` reads it (docs/SIMULATOR.md).
 """
 
 from __future__ import annotations
